@@ -1,0 +1,347 @@
+"""Typed, validated parameters: one frozen class per ``params.yaml`` section.
+
+``load_params(path)`` reads the whole file and validates every section before any stage does
+work, so a typo in ``train`` fails the ``vocabulary`` stage too, in one line that names the key:
+
+    params.yaml: train.num_sampled: must be >= 1 (got 0)
+
+Backend-specific settings live in a nested block named after the backend (``generate.diffusers``,
+``label.grounded_sam``, ...); only the block of the selected backend is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from magicseg.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every params class: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------
+# vocabulary
+# --------------------------------------------------------------------------------------------
+class VocabularyParams(Section):
+    source: Literal["procedural", "lvis", "coco", "voc", "context", "file"] = "procedural"
+    file: str | None = None
+    """A text file with one class name per line (``source: file``)."""
+    holdout: int = Field(0, ge=0)
+    """Number of classes held out of training (never prompted), for open-vocabulary evaluation.
+    Chosen by the global seed; reported separately by ``evaluate``."""
+    limit: int | None = Field(None, ge=1)
+    """Keep only the first ``limit`` classes (quick experiments on big vocabularies)."""
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> VocabularyParams:
+        if self.source == "file" and not self.file:
+            raise ValueError("file: required when source is 'file'")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# prompts
+# --------------------------------------------------------------------------------------------
+class OpenAIWriterParams(Section):
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(2048, ge=16)
+    concurrency: int = Field(4, ge=1, le=256)
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    llm_counterfactual: bool = False
+    price_per_1k_input: float = Field(0.0, ge=0)
+    price_per_1k_output: float = Field(0.0, ge=0)
+
+
+class TransformersWriterParams(Section):
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    batch_size: int = Field(4, ge=1)
+    temperature: float = Field(0.9, gt=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(1024, ge=16)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+
+
+class PromptsParams(Section):
+    writer: Literal["template", "openai", "transformers"] = "template"
+    style: Literal["rich", "plain"] = "rich"
+    """``rich``: busy scene descriptions; ``plain``: "a photo of a {class}" (paper's ablation)."""
+    requests: int = Field(300, ge=1)
+    """How many requests; each picks its 1-2 classes and asks for ``per_request`` prompts."""
+    per_request: int = Field(10, ge=1, le=100)
+    two_class_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    """Share of requests that pick two classes instead of one."""
+    openai: OpenAIWriterParams = OpenAIWriterParams()
+    transformers: TransformersWriterParams = TransformersWriterParams()
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+class ProceduralGeneratorParams(Section):
+    drift: float = Field(0.2, ge=0.0, le=1.0)
+    """How far the counterfactual drifts from the positive besides the removed object:
+    noise, a colour/lighting shift and re-drawn distractors all grow with it."""
+    distractors: int = Field(4, ge=0, le=32)
+    """Unlabelled clutter objects in a rich scene (plain prompts get none)."""
+
+
+class DiffusersGeneratorParams(Section):
+    model: str = "runwayml/stable-diffusion-v1-5"
+    scheduler: Literal["dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "default"] = "dpm++"
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(7.5, ge=0.0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    negative_prompt: str = ""
+    compile: bool = False
+    safety_checker: bool = False
+    attention_slicing: bool = False
+    counterfactual_mode: Literal["prompt_swap", "inpaint"] = "prompt_swap"
+    inpaint_model: str | None = None
+    inpaint_dilate: int = Field(8, ge=0)
+
+
+class GenerateParams(Section):
+    backend: Literal["procedural", "diffusers"] = "procedural"
+    height: int = Field(64, ge=16, le=4096)
+    width: int = Field(64, ge=16, le=4096)
+    batch_size: int = Field(64, ge=1)
+    procedural: ProceduralGeneratorParams = ProceduralGeneratorParams()
+    diffusers: DiffusersGeneratorParams = DiffusersGeneratorParams()
+
+    @model_validator(mode="after")
+    def _size_multiple_of_8(self) -> GenerateParams:
+        if self.backend == "diffusers":
+            for key in ("height", "width"):
+                if getattr(self, key) % 8:
+                    raise ValueError(
+                        f"{key}: must be a multiple of 8 for diffusers (got {getattr(self, key)})"
+                    )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# label
+# --------------------------------------------------------------------------------------------
+class DifferenceLabelerParams(Section):
+    threshold: float = Field(0.12, gt=0.0, lt=1.0)
+    """Per-pixel |positive - counterfactual| (max over RGB, in [0, 1]) above which a pixel
+    belongs to the object, after removing the global colour shift."""
+    open_radius: int = Field(1, ge=0, le=8)
+    close_radius: int = Field(1, ge=0, le=8)
+    min_component: int = Field(6, ge=0)
+    """Connected components smaller than this many pixels are dropped."""
+
+
+class GroundedSamParams(Section):
+    detector: str = "IDEA-Research/grounding-dino-tiny"
+    segmenter: str = "facebook/sam-vit-huge"
+    box_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    batch_size: int = Field(4, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    cf_check: bool = True
+    """Also run the detector on the counterfactual image and record whether the class is
+    still found there."""
+
+
+class LabelParams(Section):
+    backend: Literal["difference", "oracle", "grounded_sam"] = "difference"
+    difference: DifferenceLabelerParams = DifferenceLabelerParams()
+    grounded_sam: GroundedSamParams = GroundedSamParams()
+
+
+# --------------------------------------------------------------------------------------------
+# filter
+# --------------------------------------------------------------------------------------------
+class FilterParams(Section):
+    min_area: float = Field(0.005, ge=0.0, le=1.0)
+    """Smallest object area (all classes together) as a fraction of the image."""
+    max_area: float = Field(0.6, ge=0.0, le=1.0)
+    max_components: int = Field(3, ge=1)
+    """Most connected components per class."""
+    max_ignore: float = Field(0.05, ge=0.0, le=1.0)
+    """Largest share of ignore-labelled pixels."""
+    min_score: float = Field(0.0, ge=0.0, le=1.0)
+    """Lowest detection score (labelers that score)."""
+    min_cf_agreement: float = Field(0.0, ge=0.0, le=1.0)
+    """Lowest IoU between the labeler's mask and the counterfactual-difference mask
+    (0 switches the check off)."""
+    drop_cf_detected: bool = True
+    """Drop samples whose class is still detected in the counterfactual (labelers that check)."""
+    gallery: int = Field(8, ge=0, le=64)
+    """Examples of kept and of dropped samples drawn in the gallery plot."""
+
+    @model_validator(mode="after")
+    def _area_order(self) -> FilterParams:
+        if self.min_area >= self.max_area:
+            raise ValueError(f"min_area: must be < max_area ({self.min_area} >= {self.max_area})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+class OfflineModelParams(Section):
+    width: int = Field(32, ge=4)
+    """Channels of the first U-Net level (doubled per level)."""
+    depth: int = Field(3, ge=1, le=5)
+    embed_dim: int = Field(64, ge=8)
+    text_encoder: str = "minilm"
+
+
+class ClipModelParams(Section):
+    model: str = "openai/clip-vit-base-patch16"
+    vpt_tokens: int = Field(10, ge=0)
+    decoder_layers: int = Field(3, ge=1)
+    decoder_heads: int = Field(8, ge=1)
+    decoder_dim: int = Field(512, ge=8)
+    crop: int = Field(512, ge=32)
+    focal_weight: float = Field(100.0, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    lr_multiplier: float = Field(10.0, gt=0)
+    warmup: int = Field(1500, ge=0)
+    templates: Literal["zegclip15", "single"] = "zegclip15"
+
+
+class TrainParams(Section):
+    model: Literal["offline", "clip"] = "offline"
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    num_sampled: int = Field(12, ge=1)
+    """Classes scored per image: its own first, then random others (category random sampling)."""
+    cf_weight: float = Field(0.0, ge=0)
+    cf_loss: Literal["hinge_head", "hinge_pixels", "cf_background", "text_margin"] = "hinge_head"
+    """Form of the counterfactual loss (see README: the literal pixel-feature hinge can fight
+    the pixel objective)."""
+    bg_weight: float = Field(0.1, gt=0)
+    """Cross-entropy weight of the background class."""
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    device: str = "auto"
+    logger: Literal["dvclive", "wandb", "none"] = "dvclive"
+    log_every: int = Field(25, ge=1)
+    num_threads: int = Field(0, ge=0)
+    """torch CPU threads (0 = library default)."""
+    offline: OfflineModelParams = OfflineModelParams()
+    clip: ClipModelParams = ClipModelParams()
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------
+class BenchmarkParams(Section):
+    enabled: bool = False
+    root: str | None = None
+
+
+class EvaluateParams(Section):
+    model: Literal["checkpoint", "grounded_sam"] = "checkpoint"
+    test_samples: int = Field(600, ge=1)
+    """Procedural held-out test images (rendered with seeds disjoint from training)."""
+    drift: float = Field(0.2, ge=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1)
+    gallery: int = Field(8, ge=0, le=64)
+    short_side: int = Field(448, ge=32)
+    window: int = Field(448, ge=32)
+    stride: int = Field(300, ge=1)
+    bg_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    voc: BenchmarkParams = BenchmarkParams()
+    context: BenchmarkParams = BenchmarkParams()
+    coco_object: BenchmarkParams = BenchmarkParams()
+    lvis: BenchmarkParams = BenchmarkParams()
+
+
+# --------------------------------------------------------------------------------------------
+# the whole file
+# --------------------------------------------------------------------------------------------
+class Params(Section):
+    profile: Literal["offline", "paper"] = "offline"
+    seed: int = Field(0, ge=0)
+    vocabulary: VocabularyParams = VocabularyParams()
+    prompts: PromptsParams = PromptsParams()
+    generate: GenerateParams = GenerateParams()
+    label: LabelParams = LabelParams()
+    filter: FilterParams = FilterParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    """Turn pydantic's report into one line per problem, naming the dotted key."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            parent = e["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            msg = f"unknown key (allowed: {', '.join(allowed)})"
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+                # model validators put the field name first: "file: required ..."
+                head, sep, rest = msg.partition(": ")
+                if sep and " " not in head:
+                    key = f"{key}.{head}" if key else head
+                    msg = rest
+            if "input" in e and kind != "model_type" and not kind.startswith("value_error"):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {key}: {msg}" if key else f"{source}: {msg}")
+    return "; ".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    cls: type[BaseModel] = Params
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            break
+        if issubclass(field.annotation, BaseModel):
+            cls = field.annotation
+    return sorted(cls.model_fields)
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise :class:`ConfigError` with a one-line message."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_params(data, source=str(path.name))
+
+
+def params_to_dict(params: BaseModel) -> dict[str, Any]:
+    """Plain-data view of a params object (for checkpoints and logs)."""
+    return params.model_dump(mode="json")

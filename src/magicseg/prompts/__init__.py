@@ -1,0 +1,124 @@
+"""The ``prompts`` stage: requests of 1-2 classes -> scene descriptions + counterfactual twins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from magicseg.config import PromptsParams
+from magicseg.io import write_json, write_manifest
+from magicseg.prompts.base import PromptRequest, PromptWriter
+from magicseg.prompts.counterfactual import make_counterfactual, mentions
+from magicseg.registry import Registry
+from magicseg.seeding import derive_seed
+from magicseg.vocabulary import Vocabulary
+
+WRITERS: Registry[PromptWriter] = Registry("prompt writer")
+
+
+@WRITERS.register("template")
+def _template(params: PromptsParams) -> PromptWriter:
+    from magicseg.prompts.template import TemplateWriter
+
+    return TemplateWriter(style=params.style)
+
+
+def build_writer(params: PromptsParams) -> PromptWriter:
+    return WRITERS.build(params.writer, params)
+
+
+def plan_requests(vocab: Vocabulary, params: PromptsParams, seed: int) -> list[tuple[int, ...]]:
+    """Class ids of each request: a seeded cycle over the trainable classes gives each the
+    same share; a ``two_class_fraction`` of requests adds a second, different class."""
+    trainable = np.array(vocab.trainable)
+    perm = np.random.default_rng([seed, 1]).permutation(trainable)
+    out: list[tuple[int, ...]] = []
+    for r in range(params.requests):
+        rng = np.random.default_rng([seed, 2, r])
+        first = int(perm[r % len(perm)])
+        ids = [first]
+        if len(trainable) > 1 and rng.random() < params.two_class_fraction:
+            others = trainable[trainable != first]
+            ids.append(int(rng.choice(others)))
+        out.append(tuple(ids))
+    return out
+
+
+def run_prompts(
+    vocab: Vocabulary,
+    params: PromptsParams,
+    seed: int,
+    out_dir: str | Path,
+    metrics_path: str | Path | None = None,
+    writer: PromptWriter | None = None,
+    chunk: int = 64,
+) -> pd.DataFrame:
+    """Write ``manifest.parquet`` (one row per prompt) to ``out_dir``.
+
+    Columns: id, request, class_ids (list[int]), class_names (list[str], display names),
+    prompt, cf_prompt, writer, style, seed (int, the sample seed shared by the pair).
+    """
+    # 1. Plan the requests (seeded) and build the writer.
+    plans = plan_requests(vocab, params, seed)
+    display = vocab.display
+    requests = [
+        PromptRequest(tuple(display[i - 1] for i in ids), params.per_request, derive_seed(seed, r))
+        for r, ids in enumerate(plans)
+    ]
+    writer = writer or build_writer(params)
+
+    # 2. Write, in chunks so LLM writers can batch and show progress.
+    texts: list[list[str]] = []
+    for start in tqdm(range(0, len(requests), chunk), desc="prompts", unit="chunk"):
+        texts.extend(writer.write(requests[start : start + chunk]))
+
+    # 3. Keep descriptions that mention their classes; make the counterfactual twins.
+    rows, dropped = [], 0
+    for r, (ids, req, outs) in enumerate(zip(plans, requests, texts, strict=True)):
+        for k, text in enumerate(outs):
+            if not all(mentions(text, c) for c in req.classes):
+                dropped += 1
+                continue
+            pid = f"r{r:06d}-{k:03d}"
+            rows.append(
+                {
+                    "id": pid,
+                    "request": r,
+                    "class_ids": list(ids),
+                    "class_names": list(req.classes),
+                    "prompt": text,
+                    "cf_prompt": make_counterfactual(text, req.classes),
+                    "writer": writer.name,
+                    "style": params.style,
+                    "seed": derive_seed(seed, "sample", pid),
+                }
+            )
+    frame = pd.DataFrame(rows)
+    write_manifest(out_dir, frame)
+
+    # 4. Metrics.
+    if metrics_path is not None:
+        write_json(metrics_path, prompt_metrics(frame, len(requests), dropped))
+    return frame
+
+
+def prompt_metrics(frame: pd.DataFrame, requests: int, dropped: int) -> dict:
+    counts = pd.Series([i for ids in frame["class_ids"] for i in ids]).value_counts()
+    return {
+        "requests": requests,
+        "prompts": int(len(frame)),
+        "dropped_missing_class": int(dropped),
+        "unique_prompts": int(frame["prompt"].nunique()),
+        "two_class_share": round(float((frame["class_ids"].map(len) == 2).mean()), 4),
+        "classes_covered": int(len(counts)),
+        "prompts_per_class_min": int(counts.min()),
+        "prompts_per_class_max": int(counts.max()),
+        "mean_words": round(float(frame["prompt"].str.split().map(len).mean()), 2),
+    }
+
+
+__all__: Sequence[str] = ["PromptRequest", "PromptWriter", "WRITERS", "build_writer", "run_prompts"]
