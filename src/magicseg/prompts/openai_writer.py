@@ -95,7 +95,6 @@ class OpenAIWriter:
         cost = u["prompt_tokens"] / 1000 * p.price_per_1k_input
         cost += u["completion_tokens"] / 1000 * p.price_per_1k_output
         u["cost_usd"] = round(cost, 6)
-        u["model"] = p.model
         return u
 
     # ---------------------------------------------------------------------------------------
@@ -151,7 +150,12 @@ class OpenAIWriter:
         """Build the client once and check key and server before any work (BackendError)."""
         if self._client is not None:
             return
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise BackendError(
+                "prompts.openai: the openai package is not installed (pip install 'magicseg[llm]')"
+            ) from None
 
         p = self.params
         key = os.environ.get(p.api_key_env)

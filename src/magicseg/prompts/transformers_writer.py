@@ -42,7 +42,13 @@ class TransformersWriter:
         self.cache = ResponseCache(Path(cache_dir or DEFAULT_CACHE_DIR) / self.name)
         self.model = model
         self.tokenizer = tokenizer
-        self._usage = {"calls": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._usage = {
+            "calls": 0,
+            "cache_hits": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "truncated": 0,
+        }
 
     def write(self, requests: Sequence[PromptRequest]) -> list[list[str]]:
         """1. Read cached answers; 2. generate the rest in batches, caching each; 3. parse."""
@@ -67,12 +73,13 @@ class TransformersWriter:
         for a in answers:
             self._usage["prompt_tokens"] += a["prompt_tokens"]
             self._usage["completion_tokens"] += a["completion_tokens"]
+            self._usage["truncated"] += a["finish_reason"] == "length"
         return [
             parse_descriptions(a["content"], r.n) for a, r in zip(answers, requests, strict=True)
         ]
 
     def usage(self) -> dict[str, Any]:
-        return dict(self._usage, cost_usd=0.0, model=self.params.model)
+        return dict(self._usage, cost_usd=0.0)
 
     def _key(self, messages: list[dict[str, str]], seed: int) -> str:
         p = self.params
@@ -160,15 +167,12 @@ class TransformersWriter:
         eos_ids = set([eos] if isinstance(eos, int) else eos or [])
         entries = []
         for row, mask in zip(new.tolist(), enc["attention_mask"].cpu(), strict=True):
-            n_new = len(row)
-            for j, t in enumerate(row):
-                if t in eos_ids:
-                    n_new = j + 1
-                    break
+            stop = next((j for j, t in enumerate(row) if t in eos_ids), None)
+            n_new = len(row) if stop is None else stop + 1
             entries.append(
                 {
                     "content": tok.decode(row[:n_new], skip_special_tokens=True).strip(),
-                    "finish_reason": "stop" if n_new < len(row) or row[-1] in eos_ids else "length",
+                    "finish_reason": "length" if stop is None else "stop",
                     "prompt_tokens": int(mask.sum()),
                     "completion_tokens": n_new,
                 }
