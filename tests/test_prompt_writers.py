@@ -469,20 +469,21 @@ def test_run_prompts_live_and_cached_give_identical_manifests(tmp_path, key_env)
 
 
 def test_run_prompts_resumes_after_crash(tmp_path, key_env):
-    # 1. The server answers 4 requests, then fails hard: the stage dies, 4 answers are cached.
-    with ChatServer(lambda i, b: Reply() if i < 4 else Reply(500)) as srv:
+    # 1. The server answers 5 requests (one chunk of 4 and one request of the next, while another
+    # is in flight), then fails hard: the stage dies with 5 answers cached.
+    with ChatServer(lambda i, b: Reply() if i < 5 else Reply(500)) as srv:
         with pytest.raises(BackendError, match="re-run to resume"):
             stage(pparams(srv, max_retries=1, concurrency=2), tmp_path, "crash")
     assert not (tmp_path / "crash" / "manifest.parquet").exists()
-    assert len(ResponseCache(tmp_path / "cache" / "openai")) == 4
-    # 2. The re-run asks only for the 6 others and gives the manifest of an uninterrupted run.
+    assert len(ResponseCache(tmp_path / "cache" / "openai")) == 5
+    # 2. The re-run asks only for the 5 others and gives the manifest of an uninterrupted run.
     with ChatServer() as srv:
         resumed = stage(pparams(srv), tmp_path, "resumed")
-        assert srv.calls == 6
+        assert srv.calls == 5
         fresh = stage(pparams(srv), tmp_path, "fresh", cache="other_cache")
-        assert srv.calls == 16
+        assert srv.calls == 15
     pd.testing.assert_frame_equal(resumed, fresh)
-    assert read_json(tmp_path / "resumed.json")["usage"]["cache_hits"] == 4
+    assert read_json(tmp_path / "resumed.json")["usage"]["cache_hits"] == 5
 
 
 def test_run_prompts_drops_descriptions_without_their_class(tmp_path, key_env):
@@ -734,3 +735,18 @@ def test_run_prompts_transformers_live_and_cached_identical(wordy_lm, tmp_path):
         <= {"cat", "dog", "kite", "school", "bus", "person", "a", "the", "on", "near"}
         for p in live["prompt"]
     )
+
+
+@pytest.mark.gpu
+def test_transformers_writer_on_cuda(tiny_lm, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    answers = []
+    for run in range(2):
+        w = twriter(tiny_lm, tmp_path / f"c{run}", device="cuda", dtype="bfloat16", batch_size=2)
+        w.write(REQS)
+        assert w.model.device.type == "cuda" and w.model.dtype == torch.bfloat16
+        answers.append(raw_answers(w, REQS))
+    assert answers[0] == answers[1] and all(answers[0])
