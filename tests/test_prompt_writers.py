@@ -23,6 +23,7 @@ from magicseg.prompts.base import PromptRequest
 from magicseg.prompts.cache import ResponseCache, cache_key
 from magicseg.prompts.counterfactual import make_counterfactual, mentions
 from magicseg.prompts.parsing import parse_descriptions, parse_rewrite, request_messages
+from magicseg.seeding import derive_seed
 from magicseg.vocabulary import Vocabulary
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -469,9 +470,17 @@ def test_run_prompts_live_and_cached_give_identical_manifests(tmp_path, key_env)
 
 
 def test_run_prompts_resumes_after_crash(tmp_path, key_env):
-    # 1. The server answers 5 requests (one chunk of 4 and one request of the next, while another
-    # is in flight), then fails hard: the stage dies with 5 answers cached.
-    with ChatServer(lambda i, b: Reply() if i < 5 else Reply(500)) as srv:
+    # 1. The server answers the first chunk (4 requests), then fails hard, except for the
+    # second request of the next chunk, which is slow and still in flight when the first one
+    # has failed for good: the stage dies with 5 answers cached.
+    slow_ok = derive_seed(3, 5) % 2**31
+
+    def script(i, body):
+        if i < 4:
+            return Reply()
+        return Reply(delay=0.3) if body["seed"] == slow_ok else Reply(500)
+
+    with ChatServer(script) as srv:
         with pytest.raises(BackendError, match="re-run to resume"):
             stage(pparams(srv, max_retries=1, concurrency=2), tmp_path, "crash")
     assert not (tmp_path / "crash" / "manifest.parquet").exists()

@@ -128,7 +128,10 @@ def run_prompts(
     extra: dict = {}
     if getattr(writer, "llm_counterfactual", False):
         items = [(r["prompt"], r["class_names"], r["seed"]) for r in rows]
-        rewrites = writer.rewrite_counterfactuals(items)  # type: ignore[attr-defined]
+        rewrites: list[str | None] = []
+        for start in tqdm(range(0, len(items), chunk), desc="counterfactuals", unit="chunk"):
+            part = items[start : start + chunk]
+            rewrites.extend(writer.rewrite_counterfactuals(part))  # type: ignore[attr-defined]
         used = 0
         for row, cf in zip(rows, rewrites, strict=True):
             if cf and not any(mentions(cf, c) for c in row["class_names"]):
