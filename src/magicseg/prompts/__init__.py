@@ -10,6 +10,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from magicseg.config import PromptsParams
+from magicseg.errors import DataError
 from magicseg.io import write_json, write_manifest
 from magicseg.prompts.base import PromptRequest, PromptWriter
 from magicseg.prompts.counterfactual import make_counterfactual, mentions
@@ -21,14 +22,30 @@ WRITERS: Registry[PromptWriter] = Registry("prompt writer")
 
 
 @WRITERS.register("template")
-def _template(params: PromptsParams) -> PromptWriter:
+def _template(params: PromptsParams, cache_dir: str | Path | None = None) -> PromptWriter:
     from magicseg.prompts.template import TemplateWriter
 
     return TemplateWriter(style=params.style)
 
 
-def build_writer(params: PromptsParams) -> PromptWriter:
-    return WRITERS.build(params.writer, params)
+@WRITERS.register("openai")
+def _openai(params: PromptsParams, cache_dir: str | Path | None = None) -> PromptWriter:
+    from magicseg.prompts.openai_writer import OpenAIWriter
+
+    return OpenAIWriter(params.openai, cache_dir=cache_dir)
+
+
+@WRITERS.register("transformers")
+def _transformers(params: PromptsParams, cache_dir: str | Path | None = None) -> PromptWriter:
+    from magicseg.prompts.transformers_writer import TransformersWriter
+
+    return TransformersWriter(params.transformers, cache_dir=cache_dir)
+
+
+def build_writer(params: PromptsParams, cache_dir: str | Path | None = None) -> PromptWriter:
+    """The selected writer; LLM writers cache their answers under ``cache_dir`` (default
+    ``.cache/magicseg/prompts``, relative to the working directory)."""
+    return WRITERS.build(params.writer, params, cache_dir=cache_dir)
 
 
 def plan_requests(vocab: Vocabulary, params: PromptsParams, seed: int) -> list[tuple[int, ...]]:
@@ -56,11 +73,14 @@ def run_prompts(
     metrics_path: str | Path | None = None,
     writer: PromptWriter | None = None,
     chunk: int = 64,
+    cache_dir: str | Path | None = None,
 ) -> pd.DataFrame:
     """Write ``manifest.parquet`` (one row per prompt) to ``out_dir``.
 
     Columns: id, request, class_ids (list[int]), class_names (list[str], display names),
     prompt, cf_prompt, writer, style, seed (int, the sample seed shared by the pair).
+    ``cache_dir``: where LLM writers cache answers; keep it outside ``out_dir`` (DVC deletes
+    stage outputs before a run, and the cache is what lets a crashed run resume).
     """
     # 1. Plan the requests (seeded) and build the writer.
     plans = plan_requests(vocab, params, seed)
@@ -69,7 +89,7 @@ def run_prompts(
         PromptRequest(tuple(display[i - 1] for i in ids), params.per_request, derive_seed(seed, r))
         for r, ids in enumerate(plans)
     ]
-    writer = writer or build_writer(params)
+    writer = writer or build_writer(params, cache_dir=cache_dir)
 
     # 2. Write, in chunks so LLM writers can batch and show progress.
     texts: list[list[str]] = []
@@ -97,12 +117,37 @@ def run_prompts(
                     "seed": derive_seed(seed, "sample", pid),
                 }
             )
+    if not rows:
+        raise DataError(
+            f"prompts: none of the {sum(map(len, texts))} descriptions from writer "
+            f"{writer.name!r} mentions its classes; check the writer's model and answers"
+        )
+
+    # 4. Optionally let the writer rewrite the counterfactuals (falls back to the code twin
+    # when the rewrite is empty or still mentions a class).
+    extra: dict = {}
+    if getattr(writer, "llm_counterfactual", False):
+        items = [(r["prompt"], r["class_names"], r["seed"]) for r in rows]
+        rewrites: list[str | None] = []
+        for start in tqdm(range(0, len(items), chunk), desc="counterfactuals", unit="chunk"):
+            part = items[start : start + chunk]
+            rewrites.extend(writer.rewrite_counterfactuals(part))  # type: ignore[attr-defined]
+        used = 0
+        for row, cf in zip(rows, rewrites, strict=True):
+            if cf and not any(mentions(cf, c) for c in row["class_names"]):
+                row["cf_prompt"] = cf
+                used += 1
+        extra["cf_from_llm"] = used
+        extra["cf_llm_fallback"] = len(rows) - used
     frame = pd.DataFrame(rows)
     write_manifest(out_dir, frame)
 
-    # 4. Metrics.
+    # 5. Metrics (LLM writers add their token/cost count under "usage").
     if metrics_path is not None:
-        write_json(metrics_path, prompt_metrics(frame, len(requests), dropped))
+        metrics = prompt_metrics(frame, len(requests), dropped) | extra
+        if callable(getattr(writer, "usage", None)):
+            metrics["usage"] = writer.usage()  # type: ignore[attr-defined]
+        write_json(metrics_path, metrics)
     return frame
 
 
