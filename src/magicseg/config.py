@@ -33,7 +33,7 @@ class VocabularyParams(Section):
     source: Literal["procedural", "lvis", "coco", "voc", "context", "file"] = "procedural"
     file: str | None = None
     """A text file with one class name per line (``source: file``)."""
-    holdout: int = Field(0, ge=0)
+    holdout: int = Field(8, ge=0)
     """Number of classes held out of training (never prompted), for open-vocabulary evaluation.
     Chosen by the global seed; reported separately by ``evaluate``."""
     limit: int | None = Field(None, ge=1)

@@ -1,0 +1,208 @@
+"""The ``filter`` stage: drop bad samples, each with a reason, and draw a gallery.
+
+Reasons, checked in this order (a sample's ``reason`` is the first that applies; ``reasons``
+lists all of them):
+
+- ``unreadable``: the images could not be read, so no mask was made;
+- ``empty_mask``: no object pixel at all;
+- ``missing_class``: one of the prompt's classes has no pixel;
+- ``area_too_small`` / ``area_too_large``: object area outside [min_area, max_area];
+- ``too_many_components``: a class split into more than ``max_components`` pieces;
+- ``too_much_ignore``: more than ``max_ignore`` of the pixels are ignore;
+- ``low_score``: a class detected with a score below ``min_score`` (scoring labelers);
+- ``cf_detected``: a class still detected in the counterfactual (checking labelers);
+- ``low_cf_agreement``: the mask disagrees with the counterfactual difference (IoU below
+  ``min_cf_agreement``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from magicseg.config import FilterParams
+from magicseg.io import (
+    atomic_path,
+    read_image,
+    read_manifest,
+    read_mask,
+    write_json,
+    write_manifest,
+)
+
+REASONS = (
+    "unreadable",
+    "empty_mask",
+    "missing_class",
+    "area_too_small",
+    "area_too_large",
+    "too_many_components",
+    "too_much_ignore",
+    "low_score",
+    "cf_detected",
+    "low_cf_agreement",
+)
+
+
+def reasons_for(row: pd.Series | dict, params: FilterParams) -> list[str]:
+    """Every reason to drop one label-manifest row (empty list: keep it)."""
+    if row["mask"] is None or (isinstance(row["mask"], float) and math.isnan(row["mask"])):
+        return ["unreadable"]
+    out = []
+    areas = list(row["areas"])
+    total = float(sum(areas))
+    if total == 0:
+        out.append("empty_mask")
+    elif min(areas) == 0:
+        out.append("missing_class")
+    if 0 < total < params.min_area:
+        out.append("area_too_small")
+    if total > params.max_area:
+        out.append("area_too_large")
+    if max(row["components"]) > params.max_components:
+        out.append("too_many_components")
+    if row["ignore_frac"] > params.max_ignore:
+        out.append("too_much_ignore")
+    scores = row.get("scores")
+    if scores is not None and len(scores) and min(scores) < params.min_score:
+        out.append("low_score")
+    cf = row.get("cf_detected")
+    if params.drop_cf_detected and cf is not None and any(cf):
+        out.append("cf_detected")
+    agree = row.get("cf_agreement")
+    if params.min_cf_agreement > 0 and agree is not None and not math.isnan(agree):
+        if agree < params.min_cf_agreement:
+            out.append("low_cf_agreement")
+    return out
+
+
+def run_filter(
+    label_dir: str | Path,
+    out_dir: str | Path,
+    params: FilterParams,
+    metrics_path: str | Path | None = None,
+    gallery_path: str | Path | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Write the kept samples' ``manifest.parquet`` and every sample's ``decisions.parquet``.
+
+    The kept manifest has the label manifest's columns with paths re-rooted at ``out_dir``.
+    ``decisions.parquet``: id, kept, reason (first, None when kept), reasons (all).
+    """
+    # 1. Decide.
+    label_dir, out_dir = Path(label_dir), Path(out_dir)
+    frame = read_manifest(label_dir)
+    all_reasons = [reasons_for(row, params) for _, row in frame.iterrows()]
+    decisions = pd.DataFrame(
+        {
+            "id": frame["id"],
+            "kept": [not r for r in all_reasons],
+            "reason": [r[0] if r else None for r in all_reasons],
+            "reasons": all_reasons,
+        }
+    )
+
+    # 2. Kept manifest, paths relative to the filter directory.
+    rel = os.path.relpath(label_dir, out_dir)
+    kept = frame[decisions["kept"].to_numpy()].copy()
+    for col in ("image", "cf_image", "mask"):
+        kept[col] = [os.path.normpath(f"{rel}/{p}") for p in kept[col]]
+    write_manifest(out_dir, kept)
+    write_manifest(out_dir, decisions, name="decisions.parquet")
+
+    # 3. Metrics and gallery.
+    if metrics_path is not None:
+        write_json(metrics_path, filter_metrics(frame, decisions))
+    if gallery_path is not None:
+        draw_gallery(label_dir, frame, decisions, params.gallery, gallery_path, seed)
+    return kept
+
+
+def filter_metrics(frame: pd.DataFrame, decisions: pd.DataFrame) -> dict:
+    """Kept ratio, drops per first reason and per any reason, and oracle IoU kept vs dropped."""
+    n = len(decisions)
+    first = decisions["reason"].value_counts()
+    anyr = pd.Series([r for rs in decisions["reasons"] for r in rs]).value_counts()
+    out = {
+        "samples": int(n),
+        "kept": int(decisions["kept"].sum()),
+        "kept_ratio": round(float(decisions["kept"].mean()), 4) if n else 0.0,
+        "dropped": {r: int(first.get(r, 0)) for r in REASONS},
+        "flagged": {r: int(anyr.get(r, 0)) for r in REASONS},
+    }
+    iou = frame["oracle_iou"]
+    if iou.notna().any():
+        kept = decisions["kept"].to_numpy()
+        out["oracle_miou_kept"] = _round(iou[kept].mean())
+        out["oracle_miou_dropped"] = _round(iou[~kept].mean())
+    return out
+
+
+def _round(x: float) -> float | None:
+    return None if math.isnan(x) else round(float(x), 4)
+
+
+PALETTE = np.random.default_rng(3).integers(40, 255, size=(4096, 3)).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, ignore: int | None = None) -> np.ndarray:
+    """HWC uint8 image with class colours blended in (background untouched, ignore in grey)."""
+    out = image.astype(np.float32)
+    fg = mask > 0
+    colours = PALETTE[np.clip(mask, 0, len(PALETTE) - 1)].astype(np.float32)
+    if ignore is not None:
+        colours[mask == ignore] = 128
+    out[fg] = 0.45 * out[fg] + 0.55 * colours[fg]
+    return out.astype(np.uint8)
+
+
+def draw_gallery(
+    label_dir: Path,
+    frame: pd.DataFrame,
+    decisions: pd.DataFrame,
+    per_side: int,
+    path: str | Path,
+    seed: int = 0,
+) -> None:
+    """A PNG grid: rows of kept then dropped samples (positive | counterfactual | overlay),
+    with the drop reason written under each dropped row. Samples picked by seed."""
+    if per_side == 0:
+        return
+    rng = np.random.default_rng(seed)
+    rows = []
+    for kept in (True, False):
+        idx = np.flatnonzero(decisions["kept"].to_numpy() == kept)
+        for i in sorted(rng.choice(idx, size=min(per_side, len(idx)), replace=False)):
+            rows.append((frame.iloc[i], decisions.iloc[i]))
+    if not rows:
+        return
+    tiles = []
+    for row, dec in rows:
+        try:
+            pos = read_image(label_dir / row["image"])
+            cf = read_image(label_dir / row["cf_image"])
+        except Exception:
+            continue
+        h, w = pos.shape[:2]
+        mask = read_mask(label_dir / row["mask"]) if row["mask"] else np.zeros((h, w), int)
+        strip = np.concatenate([pos, cf, overlay(pos, mask, 255)], axis=1)
+        scale = max(1, 128 // h)
+        im = Image.fromarray(strip).resize((strip.shape[1] * scale, h * scale), Image.NEAREST)
+        canvas = Image.new("RGB", (im.width, im.height + 14), (255, 255, 255))
+        canvas.paste(im, (0, 0))
+        label = "kept" if dec["kept"] else f"dropped: {dec['reason']}"
+        ImageDraw.Draw(canvas).text((2, im.height + 1), f"{row['id']}  {label}", fill=(0, 0, 0))
+        tiles.append(np.asarray(canvas))
+    if not tiles:
+        return
+    width = max(t.shape[1] for t in tiles)
+    tiles = [
+        np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles
+    ]
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.concatenate(tiles, axis=0)).save(tmp, format="PNG")

@@ -1,0 +1,25 @@
+"""Stage `generate`: a positive and a counterfactual image per prompt, from the same seed."""
+
+from pathlib import Path
+
+import typer
+
+from magicseg.config import load_params
+from magicseg.generate import run_generate
+from magicseg.stage import load_vocabulary, user_errors
+
+
+@user_errors
+def main(
+    vocab: Path = typer.Option(...),
+    prompts: Path = typer.Option(...),
+    out: Path = typer.Option(...),
+    params_file: Path = Path("params.yaml"),
+) -> None:
+    p = load_params(params_file)
+    frame = run_generate(prompts, out, p.generate, num_classes=len(load_vocabulary(vocab)))
+    print(f"generate: {len(frame)} pairs by {p.generate.backend}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

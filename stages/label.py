@@ -1,0 +1,29 @@
+"""Stage `label`: a class-indexed mask per positive image."""
+
+from pathlib import Path
+
+import typer
+
+from magicseg.config import load_params
+from magicseg.label import run_label
+from magicseg.stage import load_vocabulary, user_errors
+
+
+@user_errors
+def main(
+    vocab: Path = typer.Option(...),
+    generated: Path = typer.Option(...),
+    out: Path = typer.Option(...),
+    metrics: Path = typer.Option(...),
+    params_file: Path = Path("params.yaml"),
+) -> None:
+    p = load_params(params_file)
+    n = len(load_vocabulary(vocab))
+    frame = run_label(generated, out, p.label, num_classes=n, metrics_path=metrics)
+    print(
+        f"label: {frame['mask'].notna().sum()} of {len(frame)} pairs labelled by {p.label.backend}"
+    )
+
+
+if __name__ == "__main__":
+    typer.run(main)
