@@ -62,7 +62,7 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected HWC uint8 RGB, got {image.dtype} {image.shape}")
     with atomic_path(path) as tmp:
-        Image.fromarray(image, "RGB").save(tmp, format="PNG", compress_level=6)
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=6)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -83,8 +83,7 @@ def write_mask(path: str | Path, mask: np.ndarray, num_classes: int) -> None:
         raise ValueError(f"mask value {int(mask.max())} does not fit {dtype}")
     arr = mask.astype(dtype)
     with atomic_path(path) as tmp:
-        mode = "L" if dtype == np.uint8 else "I;16"
-        Image.fromarray(arr, mode).save(tmp, format="PNG", compress_level=6)
+        Image.fromarray(arr).save(tmp, format="PNG", compress_level=6)  # L or I;16
 
 
 def read_mask(path: str | Path) -> np.ndarray:

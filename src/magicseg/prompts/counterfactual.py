@@ -100,7 +100,7 @@ def _pattern(names: tuple[str, ...]) -> re.Pattern[str]:
     alts = "|".join(r"\s+".join(map(re.escape, f.split())) for f in forms)
     dets = "|".join(r"\s+".join(map(re.escape, d.split())) for d in DETERMINERS)
     return re.compile(
-        rf"(?<![\w-])(?:(?:{dets})\s+)?(?:{alts})(?:'s|s')?(?![\w])", flags=re.IGNORECASE
+        rf"(?<![\w-])(?:(?:{dets})\s+)?(?:{alts})(?:'s|s')?(?![\w-])", flags=re.IGNORECASE
     )
 
 

@@ -1,0 +1,29 @@
+"""Small data made in tests: prompts -> pairs -> labels on the procedural catalogue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magicseg.config import Params
+from magicseg.generate import run_generate
+from magicseg.io import write_manifest
+from magicseg.label import run_label
+from magicseg.prompts import run_prompts
+from magicseg.vocabulary import build_vocabulary
+
+
+def make_dataset(
+    root: Path, requests: int = 6, per_request: int = 2, drift: float = 0.2, seed: int = 0
+):
+    """Write vocabulary/prompts/generate/label dirs under ``root``; return (vocab, params)."""
+    p = Params()
+    vocab = build_vocabulary("procedural", holdout=8, seed=seed)
+    write_manifest(root / "vocabulary", vocab.to_frame())
+    prompts = p.prompts.model_copy(update={"requests": requests, "per_request": per_request})
+    run_prompts(vocab, prompts, seed, root / "prompts")
+    gen = p.generate.model_copy(
+        update={"procedural": p.generate.procedural.model_copy(update={"drift": drift})}
+    )
+    run_generate(root / "prompts", root / "generate", gen, len(vocab))
+    run_label(root / "generate", root / "label", p.label, len(vocab))
+    return vocab, p

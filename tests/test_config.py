@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from magicseg.config import Params, load_params, parse_params
+from magicseg.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_validate_and_cover_every_field():
+    params = load_params(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # every field is written out, so DVC tracks every value (no hidden defaults)
+    assert raw == params.model_dump(mode="json")
+
+
+def test_params_yaml_is_the_composed_offline_profile(tmp_path):
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(tmp_path), [])
+    assert yaml.safe_load(out.read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_paper_profile_composes_to_the_papers_setting(tmp_path):
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(tmp_path), ["profile=paper"])
+    p = load_params(out)
+    assert p.profile == "paper"
+    assert (p.vocabulary.source, p.generate.backend, p.label.backend) == (
+        "lvis",
+        "diffusers",
+        "grounded_sam",
+    )
+    assert (p.generate.height, p.generate.diffusers.steps, p.generate.diffusers.guidance) == (
+        512,
+        20,
+        7.5,
+    )
+    assert (p.train.model, p.train.steps, p.train.batch_size, p.train.num_sampled) == (
+        "clip",
+        20000,
+        16,
+        100,
+    )
+    assert p.train.cf_weight == 1.0
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"train": {"num_sampeld": 5}}, "train.num_sampeld: unknown key (allowed: "),
+        ({"bogus": 1}, "bogus: unknown key (allowed: evaluate, filter"),
+        (
+            {"train": {"num_sampled": 0}},
+            "train.num_sampled: Input should be greater than or equal to 1 (got 0)",
+        ),
+        ({"train": {"num_sampled": "many"}}, "train.num_sampled: Input should be a valid integer"),
+        (
+            {"generate": {"backend": "dalle"}},
+            "generate.backend: Input should be 'procedural' or 'diffusers'",
+        ),
+        ({"vocabulary": {"source": "file"}}, "vocabulary.file: required when source is 'file'"),
+        ({"filter": {"min_area": 0.5, "max_area": 0.4}}, "filter.min_area: must be < max_area"),
+        (
+            {"generate": {"backend": "diffusers", "height": 500}},
+            "generate.height: must be a multiple of 8",
+        ),
+        (
+            {"prompts": {"openai": {"temperature": 3}}},
+            "prompts.openai.temperature: Input should be less than or equal to 2",
+        ),
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+    ],
+)
+def test_bad_params_give_one_line_naming_the_key(data, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params(data)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("params.yaml: ")
+    assert expected in msg
+
+
+def test_params_are_frozen():
+    p = Params()
+    with pytest.raises(ValidationError):
+        p.train.steps = 3  # type: ignore[misc]
+
+
+def test_load_params_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_params(bad)
