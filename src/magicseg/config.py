@@ -23,7 +23,9 @@ from magicseg.errors import ConfigError
 class Section(BaseModel):
     """Base of every params class: frozen, unknown keys refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, protected_namespaces=(), use_attribute_docstrings=True
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,3 +347,41 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def params_to_dict(params: BaseModel) -> dict[str, Any]:
     """Plain-data view of a params object (for checkpoints and logs)."""
     return params.model_dump(mode="json")
+
+
+def _allowed(field) -> str:
+    """Human summary of a field's type and bounds."""
+    import typing
+
+    ann = field.annotation
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is Literal:
+        return " \\| ".join(str(a) for a in args)
+    names = [getattr(a, "__name__", str(a)) for a in (args or (ann,))]
+    text = " or ".join("null" if n == "NoneType" else n for n in names)
+    for m in field.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                text += f", {sym} {getattr(m, attr)}"
+    return text
+
+
+def params_reference(cls: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """Markdown table rows ``| key | default | allowed | meaning |`` for every leaf field."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(params_reference(ann, f"{key}."))
+            continue
+        doc = " ".join((field.description or "").split())
+        default = "null" if field.default is None else field.default
+        rows.append(f"| `{key}` | `{default}` | {_allowed(field)} | {doc} |")
+    return rows
+
+
+if __name__ == "__main__":
+    print("| key | default (offline) | allowed | meaning |")
+    print("|---|---|---|---|")
+    print("\n".join(params_reference()))
