@@ -213,27 +213,26 @@ def run_label(
     # 3. Label the missing pairs: read a chunk, label it in batches (halved on out-of-memory),
     #    cache each result as soon as it exists.
     size = [batch_size]
-    bar = tqdm(total=len(todo), desc=f"label ({labeler.name})", unit="pair")
-    for start in range(0, len(todo), batch_size):
-        chunk, inputs = todo[start : start + batch_size], []
-        for i in chunk:
-            try:
-                inputs.append((i, _load(gen_dir, records[i])))
-            except DataError as err:
-                errors[i] = str(err)
-        batches = batched_with_oom_retry(
-            inputs,
-            size[0],
-            lambda b: labeler.label([item for _, item in b], ignore),
-            what=f"label ({labeler.name})",
-            on_shrink=lambda n: size.__setitem__(0, n),
-        )
-        for batch, results in batches:
-            for (i, item), res in zip(batch, results, strict=True):
-                _check_result(res, item, labeler.name)
-                _cache_result(cache, keys[i], records[i], item, res, ignore, num_classes)
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(todo), desc=f"label ({labeler.name})", unit="pair") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk, inputs = todo[start : start + batch_size], []
+            for i in chunk:
+                try:
+                    inputs.append((i, _load(gen_dir, records[i])))
+                except DataError as err:
+                    errors[i] = str(err)
+            batches = batched_with_oom_retry(
+                inputs,
+                size[0],
+                lambda b: labeler.label([item for _, item in b], ignore),
+                what=f"label ({labeler.name})",
+                on_shrink=lambda n: size.__setitem__(0, n),
+            )
+            for batch, results in batches:
+                for (i, item), res in zip(batch, results, strict=True):
+                    _check_result(res, item, labeler.name)
+                    _cache_result(cache, keys[i], records[i], item, res, ignore, num_classes)
+            bar.update(len(chunk))
 
     # 4. Materialise this rank's masks from the cache; its rows in input order.
     rows = []
