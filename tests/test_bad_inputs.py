@@ -199,8 +199,12 @@ def hub_id_offline_not_cached(t):
     return lambda: check_model_source("nobody/no-such-model-xyz", "label.grounded_sam.detector")
 
 
-def hub_unreachable(t):
-    # a closed local port stands for "no network": connection refused at once
+def hub_unreachable(t, monkeypatch=None):
+    # online mode, and a closed local port for the hub: the connection is refused at once,
+    # as it is without a network
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     return lambda: check_model_source(
         "nobody/no-such-model-xyz", "generate.diffusers.model", False, "http://127.0.0.1:9"
     )
@@ -265,7 +269,11 @@ FATAL = [
     (labeler_mask_wrong_size, "labeler 'bad_size' returned a 8x8 mask for the 64x64 image"),
     (model_path_missing, "generate.diffusers.model: "),
     (hub_id_offline_not_cached, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
-    (hub_unreachable, "cannot reach the Hugging Face hub for 'nobody/no-such-model-xyz'"),
+    (
+        hub_unreachable,
+        "cannot reach the Hugging Face hub for 'nobody/no-such-model-xyz' (no "
+        "network? ConnectError)",
+    ),
     (out_of_memory_at_batch_of_one, "generate (test): out of memory on a batch of 1"),
     (disk_full_generate, "disk full while writing"),
     (disk_full_label, "disk full while writing"),
