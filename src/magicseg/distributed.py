@@ -83,17 +83,32 @@ def run_token(*parts: object) -> str:
     return h.hexdigest()[:16]
 
 
-def _process_group(me: Rank):
+def _process_group(me: Rank, token: str):
     """A gloo group for barriers when the launcher gave a rendezvous (torchrun, accelerate),
-    else None (rank 0 then polls the filesystem)."""
+    else None (rank 0 then polls the filesystem).
+
+    Its store keys live under a prefix unique to this run, so several stages run one after the
+    other under one torchrun (``torchrun ... bash -c "generate && label"``, or an elastic
+    restart) never read each other's stale keys."""
     if me.world_size == 1 or "MASTER_ADDR" not in os.environ:
         return None
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        # gloo: a CPU barrier that works beside any GPU backend; ranks may finish far apart.
+        wait = timedelta(days=7)  # ranks may finish their shards hours apart
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ.get("MASTER_PORT", 29500)),
+            me.world_size,
+            is_master=me.is_main and not agent_store,
+            timeout=wait,
+        )
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        prefixed = dist.PrefixStore(f"magicseg/{token}/{restart}/", store)
+        # gloo: a CPU barrier that works beside any GPU backend
         dist.init_process_group(
-            "gloo", rank=me.rank, world_size=me.world_size, timeout=timedelta(days=7)
+            "gloo", store=prefixed, rank=me.rank, world_size=me.world_size, timeout=wait
         )
     return dist
 
@@ -109,7 +124,7 @@ def gather_shards(
     path = directory / f"rank-{me.rank:05d}-of-{me.world_size:05d}.parquet"
     with atomic_path(path) as tmp:
         frame.reset_index(drop=True).to_parquet(tmp, index=False)
-    dist = _process_group(me)
+    dist = _process_group(me, token)
     if dist is not None:
         dist.barrier()
     if not me.is_main:

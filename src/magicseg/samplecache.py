@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -48,6 +49,18 @@ def code_fingerprint(*paths: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def source_files(*objects: object) -> list[Path]:
+    """The source files defining ``objects`` (classes, functions); those without one (built in
+    or typed at a prompt) are skipped."""
+    out = []
+    for obj in objects:
+        try:
+            out.append(Path(inspect.getfile(obj)))  # type: ignore[arg-type]
+        except (TypeError, OSError):
+            continue
+    return [p for p in out if p.is_file()]
+
+
 def disk_full(err: OSError, where: str | Path, kept: str) -> DataError:
     """The one-line error for a full disk (``ENOSPC``/``EDQUOT``)."""
     return DataError(
@@ -66,6 +79,10 @@ class SampleCache:
 
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / key
+
+    def has(self, key: str) -> bool:
+        """Whether a whole entry exists (one stat, no read)."""
+        return (self.path(key) / ENTRY).is_file()
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The entry's record (``files`` maps names to absolute paths), or None when absent."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from magicseg.samplecache import (
     materialise,
     remove_stale_temps,
     sample_key,
+    source_files,
 )
 
 GENERATORS: Registry[PairGenerator] = Registry("generator")
@@ -111,7 +111,7 @@ def generate_keys(
         "size": [params.height, params.width],
         "mask_dtype": str(mask_dtype(num_classes)),
         "code": code_fingerprint(
-            Path(__file__).parent, io.__file__, inspect.getfile(type(generator))
+            Path(__file__).parent, io.__file__, *source_files(type(generator))
         ),
     }
     return [
@@ -166,7 +166,7 @@ def run_generate(
     keys = generate_keys(records, params, generator, num_classes)
     cache = SampleCache(cache_dir if cache_dir is not None else out_dir / ".cache")
     mine = distributed.shard([r.id for r in records], me)
-    todo = [i for i in mine if cache.get(keys[i]) is None]
+    todo = [i for i in mine if not cache.has(keys[i])]
     if len(todo) < len(mine):
         print(
             f"generate: rank {me.rank}: {len(mine) - len(todo)} of {len(mine)} pairs from the "

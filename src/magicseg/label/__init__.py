@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from magicseg.samplecache import (
     materialise,
     remove_stale_temps,
     sample_key,
+    source_files,
 )
 
 LABELERS: Registry[Labeler] = Registry("labeler")
@@ -190,9 +190,7 @@ def run_label(
         "backend_params": block.model_dump(mode="json") if block is not None else None,
         "fingerprint": str(getattr(labeler, "fingerprint", "")),
         "num_classes_encoding": [str(mask_dtype(num_classes)), ignore],
-        "code": code_fingerprint(
-            Path(__file__).parent, io.__file__, inspect.getfile(type(labeler))
-        ),
+        "code": code_fingerprint(Path(__file__).parent, io.__file__, *source_files(type(labeler))),
     }
 
     # 2. This rank's pairs: keys from the input bytes; the cache's hits; unreadable ones.
@@ -206,7 +204,7 @@ def run_label(
             keys[i] = label_key(gen_dir, records[i], common)
         except OSError as err:
             errors[i] = f"{gen_dir}: cannot read image ({err})"
-    todo = [i for i in mine if i in keys and cache.get(keys[i]) is None]
+    todo = [i for i in mine if i in keys and not cache.has(keys[i])]
     if todo and me.world_size > 1:
         distributed.bind_device(me)
 
