@@ -6,7 +6,7 @@ import typer
 
 from magicseg.config import load_params
 from magicseg.generate import run_generate
-from magicseg.stage import load_vocabulary, user_errors
+from magicseg.stage import load_vocabulary, rank_suffix, user_errors
 
 
 @user_errors
@@ -14,11 +14,13 @@ def main(
     vocab: Path = typer.Option(...),
     prompts: Path = typer.Option(...),
     out: Path = typer.Option(...),
+    cache: Path | None = typer.Option(None, help="per-sample cache (outside the stage outputs)"),
     params_file: Path = Path("params.yaml"),
 ) -> None:
     p = load_params(params_file)
-    frame = run_generate(prompts, out, p.generate, num_classes=len(load_vocabulary(vocab)))
-    print(f"generate: {len(frame)} pairs by {p.generate.backend}")
+    n = len(load_vocabulary(vocab))
+    frame = run_generate(prompts, out, p.generate, num_classes=n, cache_dir=cache)
+    print(f"generate: {len(frame)} pairs by {p.generate.backend}{rank_suffix()}")
 
 
 if __name__ == "__main__":

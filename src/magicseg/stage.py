@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,8 @@ F = TypeVar("F", bound=Callable[..., object])
 
 
 def user_errors(fn: F) -> F:
-    """Print a user error as one line on stderr and exit 2, without a traceback."""
+    """Print a user error as one line on stderr and exit 2, without a traceback. A full disk
+    (``ENOSPC``/``EDQUOT``) anywhere is a user error too."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -25,6 +28,12 @@ def user_errors(fn: F) -> F:
         except MagicsegError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(err.exit_code) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" while writing {err.filename}" if err.filename else ""
+            print(f"error: disk full{where}: free space and re-run", file=sys.stderr)
+            raise SystemExit(MagicsegError.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -32,3 +41,9 @@ def user_errors(fn: F) -> F:
 def load_vocabulary(directory: str | Path) -> Vocabulary:
     """The vocabulary written by the ``vocabulary`` stage."""
     return Vocabulary.from_frame(read_manifest(directory))
+
+
+def rank_suffix() -> str:
+    """ " (rank r of n)" under a multi-process launch, else ""."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return f" (rank {os.environ.get('RANK', 0)} of {world})" if world > 1 else ""

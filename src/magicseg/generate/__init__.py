@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
+from magicseg import distributed, io
+from magicseg.batching import batched_with_oom_retry
 from magicseg.config import GenerateParams
+from magicseg.errors import DataError
 from magicseg.generate.base import Pair, PairGenerator, PromptRecord
-from magicseg.io import read_manifest, write_image, write_manifest, write_mask
+from magicseg.io import mask_dtype, read_manifest, write_image, write_manifest, write_mask
 from magicseg.registry import Registry
+from magicseg.samplecache import (
+    DISK_FULL,
+    SampleCache,
+    code_fingerprint,
+    disk_full,
+    materialise,
+    remove_stale_temps,
+    sample_key,
+    source_files,
+)
 
 GENERATORS: Registry[PairGenerator] = Registry("generator")
 
@@ -42,12 +59,84 @@ def records_from_manifest(frame: pd.DataFrame) -> list[PromptRecord]:
     ]
 
 
+REQUIRED = ("id", "prompt", "cf_prompt", "class_ids", "class_names", "seed")
+TEST_SLEEP_ENV = "MAGICSEG_TEST_SLEEP_PER_SAMPLE"
+"""Test-only hook: seconds to sleep after each generated sample, so a test can kill the stage
+mid-run. Never set it in real runs."""
+
+
+def check_prompt_manifest(frame: pd.DataFrame, num_classes: int, source: str | Path) -> None:
+    """Refuse, before any work, a prompts manifest that cannot be generated: missing columns,
+    no rows, duplicate ids, class ids outside the vocabulary, a prompt without its class."""
+    from magicseg.prompts.counterfactual import mentions
+
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise DataError(f"{source}: prompts manifest lacks column(s) {', '.join(missing)}")
+    if not len(frame):
+        raise DataError(f"{source}: prompts manifest has no rows")
+    dup = frame["id"].duplicated()
+    if dup.any():
+        raise DataError(f"{source}: duplicate prompt id {frame.loc[dup, 'id'].iloc[0]!r}")
+    for row in frame.itertuples(index=False):
+        ids, names = list(row.class_ids), list(row.class_names)
+        if not ids or len(ids) != len(names):
+            raise DataError(f"{source}: prompt {row.id}: class_ids and class_names must pair up")
+        bad = [int(i) for i in ids if not 1 <= int(i) <= num_classes]
+        if bad:
+            raise DataError(
+                f"{source}: prompt {row.id}: class id {bad[0]} outside the vocabulary "
+                f"(1..{num_classes})"
+            )
+        for name in names:
+            if not mentions(str(row.prompt), str(name)):
+                raise DataError(
+                    f"{source}: prompt {row.id} does not mention its class {name!r}: "
+                    f"{str(row.prompt)[:60]!r}"
+                )
+
+
+def generate_keys(
+    records: list[PromptRecord], params: GenerateParams, generator: PairGenerator, num_classes: int
+) -> list[str]:
+    """Per record, the cache key: everything that determines its files (backend and its
+    params block, model fingerprint, image size, mask encoding, prompt, seed, library code).
+    Not the batch size, the rank or the order: those do not change a sample."""
+    block = getattr(params, generator.name, None)
+    common = {
+        "stage": "generate",
+        "backend": generator.name,
+        "backend_params": block.model_dump(mode="json") if block is not None else None,
+        "fingerprint": str(getattr(generator, "fingerprint", "")),
+        "size": [params.height, params.width],
+        "mask_dtype": str(mask_dtype(num_classes)),
+        "code": code_fingerprint(
+            Path(__file__).parent, io.__file__, *source_files(type(generator))
+        ),
+    }
+    return [
+        sample_key(
+            **common,
+            prompt=r.prompt,
+            cf_prompt=r.cf_prompt,
+            class_ids=list(r.class_ids),
+            class_names=list(r.class_names),
+            seed=r.seed,
+        )
+        for r in records
+    ]
+
+
 def run_generate(
     prompts_dir: str | Path,
     out_dir: str | Path,
     params: GenerateParams,
     num_classes: int,
     generator: PairGenerator | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> pd.DataFrame:
     """Generate every prompt's pair into ``out_dir``.
 
@@ -55,37 +144,121 @@ def run_generate(
     (exact class-index mask, when the generator knows it). ``manifest.parquet`` columns: id,
     prompt, cf_prompt, class_ids, class_names, seed, image, cf_image, oracle_mask (relative
     paths; oracle_mask None when unknown), backend, meta (JSON).
+
+    Every pair is made once into the per-sample cache ``cache_dir`` (keep it outside DVC
+    outputs; None: a temporary ``out_dir/.cache``, removed at the end) and linked into
+    ``out_dir``: a killed run resumes where it stopped, a grown prompt set makes only its new
+    pairs. Under ``torchrun``/``accelerate launch`` (or explicit ``rank``/``world_size``) each
+    rank makes the samples it owns (see :mod:`magicseg.distributed`) and rank 0 merges the
+    shards; it returns the manifest, other ranks their shard's rows. The bytes written do not
+    depend on the number of ranks, the batch size or the cache state.
     """
     # 1. Read and check the inputs before any work.
     out_dir = Path(out_dir)
-    records = records_from_manifest(read_manifest(prompts_dir))
+    me = distributed.current(rank, world_size)
+    frame = read_manifest(prompts_dir)
+    check_prompt_manifest(frame, num_classes, Path(prompts_dir) / "manifest.parquet")
+    records = records_from_manifest(frame)
     generator = generator or build_generator(params)
     generator.check(records)
 
-    # 2. Generate in batches; write each pair as soon as it exists.
-    rows = []
-    bs = params.batch_size
-    with tqdm(total=len(records), desc=f"generate ({generator.name})", unit="pair") as bar:
-        for start in range(0, len(records), bs):
-            batch = records[start : start + bs]
-            for rec, pair in zip(batch, generator.generate(batch), strict=True):
-                rows.append(_write_pair(out_dir, rec, pair, generator.name, num_classes))
+    # 2. This rank's samples and the ones the cache lacks.
+    keys = generate_keys(records, params, generator, num_classes)
+    cache = SampleCache(cache_dir if cache_dir is not None else out_dir / ".cache")
+    mine = distributed.shard([r.id for r in records], me)
+    todo = [i for i in mine if not cache.has(keys[i])]
+    if len(todo) < len(mine):
+        print(
+            f"generate: rank {me.rank}: {len(mine) - len(todo)} of {len(mine)} pairs from the "
+            f"cache {cache.directory}",
+            file=sys.stderr,
+        )
+    if todo and me.world_size > 1:
+        distributed.bind_device(me)
+
+    # 3. Generate the missing pairs in batches (halved on out-of-memory); each pair goes into
+    #    the cache as soon as it exists, so a kill or an error loses nothing already made.
+    sleep = float(os.environ.get(TEST_SLEEP_ENV, 0) or 0)
+    todo_records, todo_keys = [records[i] for i in todo], [keys[i] for i in todo]
+    batches = batched_with_oom_retry(
+        todo_records, params.batch_size, generator.generate, what=f"generate ({generator.name})"
+    )
+    done = 0
+    with tqdm(total=len(todo), desc=f"generate ({generator.name})", unit="pair") as bar:
+        for batch, pairs in batches:
+            for key, pair in zip(todo_keys[done : done + len(batch)], pairs, strict=True):
+                _cache_pair(cache, key, pair, num_classes)
+                if sleep:
+                    time.sleep(sleep)
+            done += len(batch)
             bar.update(len(batch))
 
-    # 3. The manifest.
-    frame = pd.DataFrame(rows)
-    write_manifest(out_dir, frame)
-    return frame
+    # 4. Materialise this rank's files from the cache; its rows in input order.
+    rows = []
+    try:
+        for i in mine:
+            rows.append(_link_pair(out_dir, records[i], cache.get(keys[i]), generator.name))
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise disk_full(err, out_dir, f"every pair is kept in {cache.directory}") from None
+        raise
+
+    # 5. One manifest, in the prompts' order (rank 0 merges the shards).
+    shard = pd.DataFrame(rows, columns=COLUMNS)
+    merged = distributed.gather_shards(
+        out_dir, _run_token(keys), shard, me, [r.id for r in records]
+    )
+    if merged is None:
+        distributed.finish(out_dir, me)
+        return shard
+    write_manifest(out_dir, merged)
+    if cache_dir is None:
+        shutil.rmtree(cache.directory, ignore_errors=True)
+    remove_stale_temps(out_dir)
+    distributed.finish(out_dir, me)
+    return merged
 
 
-def _write_pair(out: Path, rec: PromptRecord, pair: Pair, backend: str, num_classes: int) -> dict:
-    image, cf_image = f"images/{rec.id}.png", f"counterfactual/{rec.id}.png"
-    write_image(out / image, pair.positive)
-    write_image(out / cf_image, pair.counterfactual)
-    oracle = None
+COLUMNS = [
+    "id",
+    "prompt",
+    "cf_prompt",
+    "class_ids",
+    "class_names",
+    "seed",
+    "image",
+    "cf_image",
+    "oracle_mask",
+    "backend",
+    "meta",
+]
+
+
+def _run_token(keys: list[str]) -> str:
+    return distributed.run_token("generate", *keys)
+
+
+def _cache_pair(cache: SampleCache, key: str, pair: Pair, num_classes: int) -> None:
+    writers = {
+        "positive.png": lambda p: write_image(p, pair.positive),
+        "counterfactual.png": lambda p: write_image(p, pair.counterfactual),
+    }
     if pair.oracle_mask is not None:
+        writers["oracle.png"] = lambda p: write_mask(p, pair.oracle_mask, num_classes)
+    cache.put(key, writers, {"meta": json.dumps(pair.meta, sort_keys=True)})
+
+
+def _link_pair(out: Path, rec: PromptRecord, entry: dict | None, backend: str) -> dict:
+    if entry is None:  # made by this rank a moment ago: only a concurrent deletion loses it
+        raise DataError(f"sample {rec.id}: its cache entry vanished; re-run the stage")
+    files = entry["files"]
+    image, cf_image = f"images/{rec.id}.png", f"counterfactual/{rec.id}.png"
+    materialise(files["positive.png"], out / image)
+    materialise(files["counterfactual.png"], out / cf_image)
+    oracle = None
+    if "oracle.png" in files:
         oracle = f"oracle/{rec.id}.png"
-        write_mask(out / oracle, pair.oracle_mask, num_classes)
+        materialise(files["oracle.png"], out / oracle)
     return {
         "id": rec.id,
         "prompt": rec.prompt,
@@ -97,7 +270,7 @@ def _write_pair(out: Path, rec: PromptRecord, pair: Pair, backend: str, num_clas
         "cf_image": cf_image,
         "oracle_mask": oracle,
         "backend": backend,
-        "meta": json.dumps(pair.meta, sort_keys=True),
+        "meta": entry["meta"],
     }
 
 

@@ -105,6 +105,9 @@ class TransformersWriter:
         if self.tokenizer is None or self.model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            from magicseg.hub import check_model_source
+
+            check_model_source(p.model, "prompts.transformers.model")
             try:
                 self.tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(p.model)
                 if self.model is None:
