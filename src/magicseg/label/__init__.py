@@ -36,6 +36,13 @@ def _difference(params: LabelParams) -> Labeler:
     return DifferenceLabeler(params.difference)
 
 
+@LABELERS.register("grounded_sam")
+def _grounded_sam(params: LabelParams) -> Labeler:
+    from magicseg.label.grounded_sam import GroundedSamLabeler
+
+    return GroundedSamLabeler(params.grounded_sam, params.difference)
+
+
 @LABELERS.register("oracle")
 def _oracle(params: LabelParams) -> Labeler:
     from magicseg.label.difference import OracleLabeler
@@ -93,7 +100,8 @@ def run_label(
     Manifest columns: id, prompt, class_ids, class_names, image, cf_image, mask (paths relative
     to ``out_dir``; mask None when the images could not be read), areas, components,
     ignore_frac, scores, cf_detected, cf_agreement, oracle_iou (NaN without an oracle mask),
-    backend, meta (JSON).
+    boxes (XYXY pixels), box_classes, box_scores (one entry per detection; None for labelers
+    that do not detect, empty when nothing was detected), backend, meta (JSON).
     """
     # 1. Inputs and labeler, checked before work.
     gen_dir, out_dir = Path(gen_dir), Path(out_dir)
@@ -145,6 +153,9 @@ def _row(row, rel: str, item: LabelInput | None, res: LabelResult | None, meta, 
         "cf_detected": None,
         "cf_agreement": float("nan"),
         "oracle_iou": float("nan"),
+        "boxes": None,
+        "box_classes": None,
+        "box_scores": None,
         "backend": backend,
         "meta": json.dumps(meta or {}, sort_keys=True),
     }
@@ -155,6 +166,10 @@ def _row(row, rel: str, item: LabelInput | None, res: LabelResult | None, meta, 
     base["scores"] = None if res.scores is None else [float(s) for s in res.scores]
     base["cf_detected"] = None if res.cf_detected is None else [bool(b) for b in res.cf_detected]
     base["cf_agreement"] = float("nan") if res.cf_agreement is None else float(res.cf_agreement)
+    if res.detections is not None:
+        base["boxes"] = [[float(v) for v in d["box"]] for d in res.detections]
+        base["box_classes"] = [int(d["class_id"]) for d in res.detections]
+        base["box_scores"] = [float(d["score"]) for d in res.detections]
     if item is not None and item.oracle_mask is not None:
         base["oracle_iou"] = class_iou(res.mask, item.oracle_mask, ids)
     return base
