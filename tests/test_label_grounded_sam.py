@@ -29,8 +29,10 @@ from magicseg.label.grounded_sam import (
     build_captions,
     class_scores,
     compose_mask,
+    detector_pixels,
     match_classes,
     nms_per_class,
+    segmenter_pixels,
 )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -320,3 +322,32 @@ def test_runs_on_gpu_in_half_precision(model_dirs):
     assert lab.dtype in (torch.bfloat16, torch.float16)
     results = lab.label([_pair(True, False), _pair(True, True)], ignore=255)
     assert all(r.mask.shape == (96, 128) for r in results)
+
+
+# --------------------------------------------------------------------------------------------
+# device-side preprocessing matches the processors
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(96, 128), (300, 200)])  # upsampled, downsampled
+def test_preprocessing_matches_the_image_processors(model_dirs, shape):
+    from transformers import AutoProcessor
+
+    det_dir, seg_dir = model_dirs
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 255, (shape[0] // 8, shape[1] // 8, 3), dtype=np.uint8)
+    image = np.kron(small, np.ones((8, 8, 1), np.uint8))
+    other = image[: shape[0] // 2]  # a second, smaller image: padding and pixel mask
+    det_proc = AutoProcessor.from_pretrained(det_dir).image_processor
+    ref = det_proc(images=[image, other], return_tensors="pt")
+    pixels, mask = detector_pixels([image, other], det_proc, "cpu", torch.float32)
+    assert pixels.shape == ref["pixel_values"].shape
+    assert torch.equal(mask, ref["pixel_mask"].long())
+    diff = (pixels - ref["pixel_values"]).abs()
+    assert diff.max() < 0.018  # within one grey level (1 / 255 / std = 0.0175): PIL rounds
+
+    seg_proc = AutoProcessor.from_pretrained(seg_dir).image_processor
+    ref = seg_proc(images=[image, other], return_tensors="pt")
+    pixels, sizes = segmenter_pixels([image, other], seg_proc, "cpu", torch.float32)
+    assert pixels.shape == ref["pixel_values"].shape
+    assert [tuple(s) for s in ref["reshaped_input_sizes"].tolist()] == sizes
+    diff = (pixels - ref["pixel_values"]).abs()
+    assert diff.max() < 0.018

@@ -218,6 +218,73 @@ def foreground_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Preprocessing on the model's device (the processors' recipe, without PIL on the CPU)
+# --------------------------------------------------------------------------------------------
+def _resized(image: np.ndarray, size: tuple[int, int], device: str) -> torch.Tensor:
+    """HWC uint8 -> 1xCxhxw float in [0, 255] on ``device``, bilinearly resized (antialiased
+    when shrinking, like PIL's BILINEAR)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def _normalise(x: torch.Tensor, proc: Any) -> torch.Tensor:
+    import torch
+
+    x = x * proc.rescale_factor
+    mean = torch.tensor(proc.image_mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(proc.image_std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def detector_pixels(
+    images: Sequence[np.ndarray], proc: Any, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grounding DINO inputs for HWC uint8 images, as its image processor makes them (shortest
+    edge to ``size.shortest_edge`` capped by ``size.longest_edge``, rescale, normalise, pad
+    bottom/right to the batch's largest): (BxCxHxW pixel values, BxHxW pixel mask)."""
+    import torch
+    from transformers.image_transforms import get_size_with_aspect_ratio
+
+    shaped = []
+    for image in images:
+        size = get_size_with_aspect_ratio(
+            image.shape[:2], proc.size.shortest_edge, proc.size.longest_edge
+        )
+        shaped.append(_normalise(_resized(image, tuple(size), device), proc))
+    h = max(x.shape[-2] for x in shaped)
+    w = max(x.shape[-1] for x in shaped)
+    pixels = torch.zeros(len(shaped), 3, h, w, device=device)
+    mask = torch.zeros(len(shaped), h, w, dtype=torch.long, device=device)
+    for i, x in enumerate(shaped):
+        pixels[i, :, : x.shape[-2], : x.shape[-1]] = x[0]
+        mask[i, : x.shape[-2], : x.shape[-1]] = 1
+    return pixels.to(dtype), mask
+
+
+def segmenter_pixels(
+    images: Sequence[np.ndarray], proc: Any, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """SAM inputs for HWC uint8 images, as its image processor makes them (longest edge to
+    ``size.longest_edge``, rescale, normalise, pad to ``pad_size``): (BxCxHxW pixel values,
+    resized (h, w) per image)."""
+    import torch
+
+    out = torch.zeros(len(images), 3, proc.pad_size.height, proc.pad_size.width, device=device)
+    sizes = []
+    for i, image in enumerate(images):
+        size = tuple(proc._get_preprocess_shape(image.shape[:2], proc.size.longest_edge))
+        x = _normalise(_resized(image, size, device), proc)
+        out[i, :, : size[0], : size[1]] = x[0]
+        sizes.append(size)
+    return out.to(dtype), sizes
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 def resolve_device(device: str) -> str:
@@ -323,13 +390,19 @@ class GroundedSamLabeler:
     def label(self, batch: Sequence[LabelInput], ignore: int) -> list[LabelResult]:
         """Masks (HW int64 class indices), per-class scores, detections and the counterfactual
         check for each pair of ``batch`` (images HWC uint8 RGB)."""
-        # 1. Detect on the positives (and counterfactuals), batched.
-        images = [item.positive for item in batch]
-        if self.params.cf_check:
-            images += [item.counterfactual for item in batch]
-        owners = list(batch) + (list(batch) if self.params.cf_check else [])
-        found = self.detect(images, [(it.class_ids, it.class_names) for it in owners])
-        dets, cf_dets = found[: len(batch)], found[len(batch) :]
+        # 1. Detect on the positives, then on the counterfactuals of those with a detection
+        #    (a sample without one is dropped anyway: no need to check its counterfactual).
+        dets = self.detect(
+            [it.positive for it in batch], [(it.class_ids, it.class_names) for it in batch]
+        )
+        checked = [i for i, d in enumerate(dets) if d] if self.params.cf_check else []
+        cf_found = self.detect(
+            [batch[i].counterfactual for i in checked],
+            [(batch[i].class_ids, batch[i].class_names) for i in checked],
+        )
+        cf_dets: list[list[Detection]] = [[] for _ in batch]
+        for i, found in zip(checked, cf_found, strict=True):
+            cf_dets[i] = found
 
         # 2. Segment every box of the positives: one SAM embedding per image.
         masks = self.segment([it.positive for it in batch], dets)
@@ -383,13 +456,16 @@ class GroundedSamLabeler:
         for start in range(0, len(jobs), bs):
             chunk = jobs[start : start + bs]
             with self.timings("detector_pre", self.device):
-                pix = self.det_proc.image_processor(
-                    images=[images[i] for i, _ in chunk], return_tensors="pt"
+                pixels, pixel_mask = detector_pixels(
+                    [images[i] for i, _ in chunk],
+                    self.det_proc.image_processor,
+                    self.device,
+                    self.dtype,
                 )
                 ids, attn = _pad_ids([cap.input_ids for _, cap in chunk])
                 inputs = {
-                    "pixel_values": pix["pixel_values"].to(self.device, self.dtype),
-                    "pixel_mask": pix["pixel_mask"].to(self.device),
+                    "pixel_values": pixels,
+                    "pixel_mask": pixel_mask,
                     "input_ids": ids.to(self.device),
                     "attention_mask": attn.to(self.device),
                     "token_type_ids": torch.zeros_like(ids).to(self.device),
@@ -429,15 +505,17 @@ class GroundedSamLabeler:
         for start in range(0, len(todo), bs):
             chunk = todo[start : start + bs]
             with self.timings("sam_pre", self.device):
-                pix = self.seg_proc.image_processor(
-                    images=[images[i] for i in chunk], return_tensors="pt"
+                pixel_values, sizes = segmenter_pixels(
+                    [images[i] for i in chunk],
+                    self.seg_proc.image_processor,
+                    self.device,
+                    self.dtype,
                 )
-                pixel_values = pix["pixel_values"].to(self.device, self.dtype)
             with self.timings("sam_encoder", self.device), torch.inference_mode():
                 emb = self.segmenter.get_image_embeddings(pixel_values)
             for b, i in enumerate(chunk):
                 h, w = images[i].shape[:2]
-                nh, nw = (int(v) for v in pix["reshaped_input_sizes"][b])
+                nh, nw = sizes[b]
                 scale = np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
                 boxes = np.array([d.box for d in detections[i]], np.float32) * scale
                 with self.timings("sam_decoder", self.device), torch.inference_mode():
