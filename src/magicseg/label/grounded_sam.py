@@ -226,7 +226,7 @@ def _resized(image: np.ndarray, size: tuple[int, int], device: str) -> torch.Ten
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+    x = torch.tensor(image, device=device).permute(2, 0, 1)[None].float()
     if tuple(x.shape[-2:]) != size:
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     return x
@@ -491,7 +491,7 @@ class GroundedSamLabeler:
                     raw[i].append(
                         Detection(int(ids_i[cap.positions[cls[q]]]), float(score[q]), xyxy)
                     )
-        return [nms_per_class(d, self.params.nms_iou) for d in raw]
+        return [nms_per_class(d, self.params.nms_iou)[: self.params.max_detections] for d in raw]
 
     def segment(
         self, images: Sequence[np.ndarray], detections: Sequence[Sequence[Detection]]
