@@ -236,27 +236,32 @@ def main() -> None:
             "ours, no cf check": lambda d: ours(False, gen, d),
         }
         runs: dict[str, list] = {name: [] for name in flows}
+        cpu_s: dict[str, list[float]] = {name: [] for name in flows}
         mem: dict[str, str] = {}
         for r in range(args.repeats):
             for k, (name, flow) in enumerate(flows.items()):
                 if gpu:
                     torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 parts, boxes = flow(tmp / f"out{r}{k}")
                 runs[name].append((time.perf_counter() - start, dict(parts), boxes))
+                cpu_s[name].append(time.process_time() - cpu)
                 mem[name] = peak(args.device)
 
         # 3. Report: the best run per flow (the machine may be shared: the spread is printed),
         #    shares of the parts summed over runs.
-        base = None
+        base = base_cpu = None
         for name, rs in runs.items():
             secs = min(t for t, _, _ in rs)
             total = sum(t for t, _, _ in rs)
             parts = {k: sum(p.get(k, 0.0) for _, p, _ in rs) * secs / total for k in rs[0][1]}
             rate = report(name, args.images, secs, parts, base)
             base = base or rate
+            cpu_img = min(cpu_s[name]) / args.images
+            base_cpu = base_cpu or cpu_img
             print(
-                f"    runs {', '.join(f'{t:.1f}' for t, _, _ in rs)} s; "
+                f"    runs {', '.join(f'{t:.1f}' for t, _, _ in rs)} s; CPU time "
+                f"{cpu_img:.3f} s/img (ratio {base_cpu / cpu_img:.2f}x); "
                 f"boxes decoded/image {rs[0][2]:.1f}; {mem[name]}"
             )
         print(f"load average after: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")

@@ -351,3 +351,40 @@ def test_preprocessing_matches_the_image_processors(model_dirs, shape):
     assert [tuple(s) for s in ref["reshaped_input_sizes"].tolist()] == sizes
     diff = (pixels - ref["pixel_values"]).abs()
     assert diff.max() < 0.018
+
+
+def test_stage_metrics_and_filter_reasons_from_scripted_detections(labeler, tmp_path):
+    from magicseg.config import FilterParams
+    from magicseg.filter import run_filter
+
+    gen = tmp_path / "generate"
+    rows = []
+    for i, (in_pos, in_cf) in enumerate([(True, False), (False, False), (True, True)]):
+        pair = _pair(in_pos, in_cf)
+        write_image(gen / f"p{i}.png", pair.positive)
+        write_image(gen / f"c{i}.png", pair.counterfactual)
+        rows.append(
+            {
+                "id": f"s{i}",
+                "prompt": "p",
+                "class_ids": [7],
+                "class_names": ["owl"],
+                "image": f"p{i}.png",
+                "cf_image": f"c{i}.png",
+                "oracle_mask": None,
+            }
+        )
+    write_manifest(gen, pd.DataFrame(rows))
+    params = LabelParams(backend="grounded_sam", grounded_sam=labeler.params)
+    run_label(gen, tmp_path / "label", params, 10, tmp_path / "label.json", labeler=labeler)
+    metrics = json.loads((tmp_path / "label.json").read_text())
+    assert metrics["no_detection"] == 1 and metrics["cf_detected"] == 1
+    assert metrics["mean_detections"] == pytest.approx(2 / 3, abs=1e-4)
+
+    run_filter(tmp_path / "label", tmp_path / "filter", FilterParams(), tmp_path / "filter.json")
+    decisions = pd.read_parquet(tmp_path / "filter" / "decisions.parquet")
+    assert decisions["reasons"].iloc[1].tolist()[0] == "no_detection"
+    assert "cf_detected" in decisions["reasons"].iloc[2].tolist()
+    assert "cf_detected" not in decisions["reasons"].iloc[0].tolist()
+    counts = json.loads((tmp_path / "filter.json").read_text())["flagged"]
+    assert counts["no_detection"] == 1 and counts["cf_detected"] == 1

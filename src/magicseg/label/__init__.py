@@ -177,7 +177,7 @@ def _row(row, rel: str, item: LabelInput | None, res: LabelResult | None, meta, 
 
 def label_metrics(frame: pd.DataFrame) -> dict:
     has_oracle = frame["oracle_iou"].notna()
-    return {
+    out = {
         "samples": int(len(frame)),
         "unreadable": int(frame["mask"].isna().sum()),
         "oracle_miou": round(float(frame.loc[has_oracle, "oracle_iou"].mean()), 4)
@@ -186,6 +186,15 @@ def label_metrics(frame: pd.DataFrame) -> dict:
         "mean_object_area": round(float(frame["areas"].map(sum).mean()), 4),
         "mean_ignore_frac": round(float(frame["ignore_frac"].mean()), 4),
     }
+    # detecting labelers: images without any box, boxes per image, failed counterfactuals
+    dets = frame["box_scores"].dropna() if "box_scores" in frame else pd.Series([], dtype=object)
+    if len(dets):
+        out["no_detection"] = int((dets.map(len) == 0).sum())
+        out["mean_detections"] = round(float(dets.map(len).mean()), 4)
+    cf = frame["cf_detected"].dropna() if "cf_detected" in frame else pd.Series([], dtype=object)
+    if len(cf):
+        out["cf_detected"] = int(cf.map(lambda flags: bool(len(flags) and any(flags))).sum())
+    return out
 
 
 __all__ = ["LABELERS", "LabelInput", "LabelResult", "Labeler", "build_labeler", "run_label"]

@@ -330,6 +330,11 @@ def _check_source(key: str, source: str, expected: Sequence[str]) -> str:
         else:
             hint = f"unknown model id, no access, or no network ({str(err).splitlines()[0]})"
         raise BackendError(f"label.grounded_sam.{key}: cannot load {source!r}: {hint}") from None
+    if config.model_type.startswith("sam2"):
+        raise BackendError(
+            f"label.grounded_sam.{key}: {source!r} is a SAM 2 checkpoint, not supported yet "
+            "(transformers' SAM 2 image processor needs torchvision); use a SAM checkpoint"
+        )
     if config.model_type not in expected:
         raise BackendError(
             f"label.grounded_sam.{key}: {source!r} is a {config.model_type!r} model, expected "
