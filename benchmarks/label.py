@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--box-threshold", type=float, default=0.3)
     ap.add_argument("--dtype", default="auto", help="our labeler's dtype")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument(
         "--max-boxes",
         type=int,

@@ -205,6 +205,8 @@ def test_counterfactual_check_flags_a_class_still_present(labeler):
     assert still_there.cf_detected == [False, True]
     assert [d["class_id"] for d in still_there.meta["cf_detections"]] == [7]
     assert nothing.detections == [] and nothing.scores == [0.0, 0.0]
+    # no box on the positive: its counterfactual is not sent to the detector
+    assert [r.meta["cf_checked"] for r in (removed, still_there, nothing)] == [True, True, False]
     assert not nothing.mask.any()
     for res in (removed, still_there, nothing):
         assert 0.0 <= res.cf_agreement <= 1.0

@@ -437,6 +437,7 @@ class GroundedSamLabeler:
                     )
                     res.cf_agreement = foreground_iou((mask > 0) & (mask != ignore), diff)
                     res.meta["cf_detections"] = [_as_row(d) for d in cf_dets[i]]
+                    res.meta["cf_checked"] = bool(dets[i])  # skipped without a detection
             out.append(res)
         return out
 
