@@ -60,7 +60,7 @@ def test_good_sample_kept_and_switches():
         "area_too_large",
         "too_many_components",
     }
-    assert len(REASONS) == 10
+    assert len(REASONS) == 11
 
 
 def test_filter_stage(tmp_path):

@@ -153,6 +153,10 @@ class GroundedSamParams(Section):
     box_threshold: float = Field(0.3, ge=0.0, le=1.0)
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    """Per-class NMS: a box overlapping a better box of its class by more is dropped."""
+    max_detections: int = Field(20, ge=1)
+    """Most boxes kept per image after NMS (the best-scoring), so a degenerate image cannot
+    send hundreds of boxes to SAM."""
     batch_size: int = Field(4, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"

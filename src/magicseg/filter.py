@@ -4,7 +4,8 @@ Reasons, checked in this order (a sample's ``reason`` is the first that applies;
 lists all of them):
 
 - ``unreadable``: the images could not be read, so no mask was made;
-- ``empty_mask``: no object pixel at all;
+- ``no_detection``: a detecting labeler found no box for any class (``box_scores`` empty);
+- ``empty_mask``: boxes were found (or the labeler does not detect) but no object pixel;
 - ``missing_class``: one of the prompt's classes has no pixel;
 - ``area_too_small`` / ``area_too_large``: object area outside [min_area, max_area];
 - ``too_many_components``: a class split into more than ``max_components`` pieces;
@@ -37,6 +38,7 @@ from magicseg.io import (
 
 REASONS = (
     "unreadable",
+    "no_detection",
     "empty_mask",
     "missing_class",
     "area_too_small",
@@ -56,7 +58,10 @@ def reasons_for(row: pd.Series | dict, params: FilterParams) -> list[str]:
     out = []
     areas = list(row["areas"])
     total = float(sum(areas))
-    if total == 0:
+    box_scores = row.get("box_scores")
+    if box_scores is not None and len(box_scores) == 0:
+        out.append("no_detection")
+    elif total == 0:
         out.append("empty_mask")
     elif min(areas) == 0:
         out.append("missing_class")

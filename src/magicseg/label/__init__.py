@@ -53,6 +53,13 @@ def _difference(params: LabelParams) -> Labeler:
     return DifferenceLabeler(params.difference)
 
 
+@LABELERS.register("grounded_sam")
+def _grounded_sam(params: LabelParams) -> Labeler:
+    from magicseg.label.grounded_sam import GroundedSamLabeler
+
+    return GroundedSamLabeler(params.grounded_sam, params.difference)
+
+
 @LABELERS.register("oracle")
 def _oracle(params: LabelParams) -> Labeler:
     from magicseg.label.difference import OracleLabeler
@@ -122,6 +129,9 @@ CACHED = (
     "cf_detected",
     "cf_agreement",
     "oracle_iou",
+    "boxes",
+    "box_classes",
+    "box_scores",
     "meta",
 )
 """Row fields kept in a sample's cache entry (the rest come from the generate manifest)."""
@@ -161,7 +171,8 @@ def run_label(
     Manifest columns: id, prompt, class_ids, class_names, image, cf_image, mask (paths relative
     to ``out_dir``; mask None when the images could not be read), areas, components,
     ignore_frac, scores, cf_detected, cf_agreement, oracle_iou (NaN without an oracle mask),
-    backend, meta (JSON).
+    boxes (XYXY pixels), box_classes, box_scores (one entry per detection; None for labelers
+    that do not detect, empty when nothing was detected), backend, meta (JSON).
 
     Per-sample cache, ranks and shards as in :func:`magicseg.generate.run_generate`: each rank
     labels the pairs it owns (batches halved on out-of-memory), rank 0 merges the shards and
@@ -333,6 +344,9 @@ def _row(row, rel: str, item: LabelInput | None, res: LabelResult | None, meta, 
         "cf_detected": None,
         "cf_agreement": float("nan"),
         "oracle_iou": float("nan"),
+        "boxes": None,
+        "box_classes": None,
+        "box_scores": None,
         "backend": backend,
         "meta": json.dumps(meta or {}, sort_keys=True),
     }
@@ -343,6 +357,10 @@ def _row(row, rel: str, item: LabelInput | None, res: LabelResult | None, meta, 
     base["scores"] = None if res.scores is None else [float(s) for s in res.scores]
     base["cf_detected"] = None if res.cf_detected is None else [bool(b) for b in res.cf_detected]
     base["cf_agreement"] = float("nan") if res.cf_agreement is None else float(res.cf_agreement)
+    if res.detections is not None:
+        base["boxes"] = [[float(v) for v in d["box"]] for d in res.detections]
+        base["box_classes"] = [int(d["class_id"]) for d in res.detections]
+        base["box_scores"] = [float(d["score"]) for d in res.detections]
     if item is not None and item.oracle_mask is not None:
         base["oracle_iou"] = class_iou(res.mask, item.oracle_mask, ids)
     return base
@@ -350,7 +368,7 @@ def _row(row, rel: str, item: LabelInput | None, res: LabelResult | None, meta, 
 
 def label_metrics(frame: pd.DataFrame) -> dict:
     has_oracle = frame["oracle_iou"].notna()
-    return {
+    out = {
         "samples": int(len(frame)),
         "unreadable": int(frame["mask"].isna().sum()),
         "oracle_miou": round(float(frame.loc[has_oracle, "oracle_iou"].mean()), 4)
@@ -359,6 +377,15 @@ def label_metrics(frame: pd.DataFrame) -> dict:
         "mean_object_area": round(float(frame["areas"].map(sum).mean()), 4),
         "mean_ignore_frac": round(float(frame["ignore_frac"].mean()), 4),
     }
+    # detecting labelers: images without any box, boxes per image, failed counterfactuals
+    dets = frame["box_scores"].dropna() if "box_scores" in frame else pd.Series([], dtype=object)
+    if len(dets):
+        out["no_detection"] = int((dets.map(len) == 0).sum())
+        out["mean_detections"] = round(float(dets.map(len).mean()), 4)
+    cf = frame["cf_detected"].dropna() if "cf_detected" in frame else pd.Series([], dtype=object)
+    if len(cf):
+        out["cf_detected"] = int(cf.map(lambda flags: bool(len(flags) and any(flags))).sum())
+    return out
 
 
 __all__ = ["LABELERS", "LabelInput", "LabelResult", "Labeler", "build_labeler", "run_label"]

@@ -30,13 +30,16 @@ class LabelResult:
     ``scores``: per class of the sample (aligned with ``class_ids``), detection confidence in
     [0, 1] or None for labelers that do not score. ``cf_detected``: per class, whether it was
     still found in the counterfactual, or None when not checked. ``cf_agreement``: IoU of the
-    foreground with the counterfactual-difference foreground, or None.
+    foreground with the counterfactual-difference foreground, or None. ``detections``: the
+    boxes behind the mask, each ``{"class_id": int, "score": float, "box": [x0, y0, x1, y1]}``
+    (XYXY pixels), or None for labelers that do not detect (an empty list: nothing detected).
     """
 
     mask: np.ndarray
     scores: list[float] | None = None
     cf_detected: list[bool] | None = None
     cf_agreement: float | None = None
+    detections: list[dict[str, Any]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
