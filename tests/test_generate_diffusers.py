@@ -14,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from tests.tiny_models import tiny_sd_pipeline_dir  # noqa: E402
+
 from magicseg.config import DiffusersGeneratorParams, GenerateParams, parse_params  # noqa: E402
 from magicseg.errors import BackendError, ConfigError, DataError  # noqa: E402
 from magicseg.generate import build_generator, run_generate  # noqa: E402
@@ -27,7 +29,6 @@ from magicseg.generate.diffusers_backend import (  # noqa: E402
     resolve_dtype,
 )
 from magicseg.io import read_image, read_manifest, write_manifest  # noqa: E402
-from tests.tiny_models import tiny_sd_pipeline_dir  # noqa: E402
 
 SIZE = 16  # tiny VAE factor 2 -> 8x8 latents
 
@@ -263,3 +264,36 @@ def test_cuda_bf16_pair_matches_cpu_roughly(model_dir):
     assert gpu.meta()["dtype"] in ("bfloat16", "float16")
     for x, y in zip(a, b, strict=True):
         assert np.abs(x.positive.astype(int) - y.positive.astype(int)).mean() < 8
+
+
+def test_few_step_model_settings_without_guidance(model_dir):
+    """SD-Turbo style: checkpoint scheduler, 1 step, guidance 0 -> 2 UNet rows per pair."""
+    gen = DiffusersPairGenerator(
+        make_params(model_dir, scheduler="default", steps=1, guidance=0.0, images_per_call=4)
+    )
+    rows = []
+    hook = gen.pipe.unet.register_forward_pre_hook(
+        lambda mod, args, kwargs: rows.append((args[0] if args else kwargs["sample"]).shape[0]),
+        with_kwargs=True,
+    )
+    try:
+        pairs = gen.generate(records(2))
+    finally:
+        hook.remove()
+    assert rows == [4]  # one step, 2 pairs x (positive, counterfactual), no CFG rows
+    assert pairs[0].meta["scheduler"] == "DDIMScheduler"  # the checkpoint's own
+    assert not np.array_equal(pairs[0].positive, pairs[0].counterfactual)
+
+
+def test_sdxl_pipeline_through_the_same_params(tmp_path):
+    from tests.tiny_models import tiny_sdxl_pipeline_dir
+
+    model = tiny_sdxl_pipeline_dir(tmp_path)
+    big = DiffusersPairGenerator(make_params(model, images_per_call=4))
+    one = DiffusersPairGenerator(make_params(model, images_per_call=1))
+    assert type(big.pipe).__name__ == "StableDiffusionXLPipeline"
+    pairs = big.generate(records(2))
+    alone = one.generate([records(2)[1]])[0]
+    assert pairs[1].positive.shape == (SIZE, SIZE, 3)
+    assert np.abs(pairs[1].positive.astype(int) - alone.positive.astype(int)).max() <= 1
+    assert np.abs(pairs[1].counterfactual.astype(int) - alone.counterfactual.astype(int)).max() <= 1

@@ -127,3 +127,61 @@ def tiny_sd_pipeline_dir(tmp_path: Path) -> Path:
     out = tmp_path / "tiny-sd"
     pipe.save_pretrained(out)
     return out
+
+
+def tiny_sdxl_pipeline_dir(tmp_path: Path) -> Path:
+    """Save a tiny random SDXL pipeline (two text encoders, ``text_time`` conditioning) and
+    return its directory. VAE factor 2, as in :func:`tiny_sd_pipeline_dir`."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    tmp_path = Path(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path / "src"))
+    base = tiny_sd_components(len(tok))
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + pooled text (32)
+        cross_attention_dim=64,  # both text encoders' hidden states concatenated
+        norm_num_groups=32,
+    )
+    cfg = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=len(tok) - 2,
+        eos_token_id=len(tok) - 1,
+        pad_token_id=len(tok) - 1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=base["vae"],
+        text_encoder=CLIPTextModel(cfg).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(cfg).eval(),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+        ),
+    )
+    out = tmp_path / "tiny-sdxl"
+    pipe.save_pretrained(out)
+    return out

@@ -165,7 +165,6 @@ def load_pipeline(
 
     Wraps hub/filesystem failures in :class:`BackendError` with the model named.
     """
-    import torch
     from diffusers import AutoPipelineForInpainting, AutoPipelineForText2Image
 
     key = "generate.diffusers.inpaint_model" if inpaint else "generate.diffusers.model"
