@@ -8,7 +8,7 @@ independent noise for the two images.
 
 Speed: the positives and counterfactuals of several records go through one pipeline call, so
 with classifier-free guidance each UNet step sees ``2 x images`` rows (``4 x pairs`` when a whole
-batch goes in one call). On CUDA the default is the whole batch per call, bf16 (fp16 where bf16
+batch goes in one call). On CUDA the default is the whole batch per call (at most 32 images), bf16 (fp16 where bf16
 is missing), PyTorch SDPA attention (diffusers' default ``AttnProcessor2_0``), channels-last,
 optional ``torch.compile`` of the UNet, and a DPM-Solver++ multistep scheduler. On a CPU batching
 does not pay for a realistic UNet (see ``benchmarks/generate.py``), so ``images_per_call: auto``
@@ -47,6 +47,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 """``generate.diffusers.scheduler`` -> (diffusers class, overrides); ``default`` keeps the
 checkpoint's own scheduler (the right choice for SD-Turbo)."""
+
+CUDA_MAX_IMAGES_PER_CALL = 32
+"""``images_per_call: auto`` on CUDA: the whole batch, at most this many images (64 UNet rows
+with guidance), beyond which a GPU gains no throughput, only memory (SD 1.5 at 512 px)."""
 
 CPU_IMAGES_PER_CALL = 1
 """``images_per_call: auto`` on a CPU: measured fastest by ``benchmarks/generate.py`` (batching
@@ -165,13 +169,12 @@ def load_pipeline(
 
     Wraps hub/filesystem failures in :class:`BackendError` with the model named.
     """
+    import diffusers
     from diffusers import AutoPipelineForInpainting, AutoPipelineForText2Image
 
     key = "generate.diffusers.inpaint_model" if inpaint else "generate.diffusers.model"
     source = resolve_model_source(model or opts.model, key)
     auto = AutoPipelineForInpainting if inpaint else AutoPipelineForText2Image
-    import diffusers
-
     # diffusers >= 0.42 renamed torch_dtype -> dtype (the old name warns)
     new_api = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42)
     kwargs: dict[str, Any] = {"dtype" if new_api else "torch_dtype": dtype}
@@ -204,6 +207,8 @@ def prepare_pipeline(pipe, opts: DiffusersGeneratorParams, device) -> None:
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+        # decode one image at a time: a batched 512 px VAE decode costs GBs per image
+        pipe.vae.enable_slicing()
     if opts.attention_slicing:
         pipe.enable_attention_slicing()
     if opts.compile:
@@ -266,11 +271,13 @@ class DiffusersPairGenerator:
         return self._pipe
 
     @property
-    def images_per_call(self) -> int | None:
-        """Images per pipeline call (None = the whole batch)."""
+    def images_per_call(self) -> int:
+        """Images per pipeline call (a pair's two images count apart)."""
         n = self.opts.images_per_call
         if n == "auto":
-            return None if self.device.type == "cuda" else CPU_IMAGES_PER_CALL
+            if self.device.type == "cuda":
+                return min(2 * self.params.batch_size, CUDA_MAX_IMAGES_PER_CALL)
+            return CPU_IMAGES_PER_CALL
         return n
 
     def latent_shape(self) -> tuple[int, int, int]:
@@ -315,7 +322,7 @@ class DiffusersPairGenerator:
             jobs += [(rec.prompt, lat, rec.seed), (rec.cf_prompt, lat, rec.seed)]
 
         # 2. Chunks of images through the pipeline (CFG doubles the UNet rows).
-        k = self.images_per_call or len(jobs)
+        k = self.images_per_call
         images: list[np.ndarray] = []
         nsfw: list[bool | None] = []
         with torch.inference_mode():
@@ -362,7 +369,7 @@ class DiffusersPairGenerator:
             "width": self.params.width,
             "dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "device": str(self.device),
-            "images_per_call": self.images_per_call or 2 * self.params.batch_size,
+            "images_per_call": self.images_per_call,
             "compile": self.opts.compile,
             "negative_prompt": self.opts.negative_prompt,
             "counterfactual_mode": "prompt_swap",
