@@ -208,7 +208,8 @@ def prepare_pipeline(pipe, opts: DiffusersGeneratorParams, device) -> None:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         # decode one image at a time: a batched 512 px VAE decode costs GBs per image
-        pipe.vae.enable_slicing()
+        if hasattr(pipe.vae, "enable_slicing"):
+            pipe.vae.enable_slicing()
     if opts.attention_slicing:
         pipe.enable_attention_slicing()
     if opts.compile:
@@ -431,6 +432,15 @@ def inpaint_counterfactual(
     uint8 image equal to ``positive`` bit for bit outside ``region`` (the HW bool dilated mask;
     the VAE round trip is composited away), and ``region``. An empty mask returns a copy of
     ``positive``. Seeded by ``seed`` (CPU generator), so it is reproducible anywhere.
+
+    A stage after ``label`` (``counterfactual_mode: inpaint``) would do, per manifest row::
+
+        pipe = load_inpaint_pipeline(opts, resolve_device(opts.device), dtype)  # once
+        cf, region = inpaint_counterfactual(pipe, read_image(gen / row.image),
+                                            read_mask(lab / row.mask) > 0, row.cf_prompt,
+                                            row.seed, dilate=opts.inpaint_dilate,
+                                            steps=opts.steps, guidance=opts.guidance,
+                                            negative_prompt=opts.negative_prompt)
     """
     import torch
     from PIL import Image
