@@ -162,16 +162,14 @@ def timed(fn, recs, device) -> float:
 
 
 def flops_per_pair(gen: DiffusersPairGenerator, rec: PromptRecord) -> float:
-    from torch.utils.flop_counter import FlopCounterMode, flop_registry
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-    aten = torch.ops.aten
+    def cpu_sdpa(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q_shape, k_shape, v_shape)
+
     # the CPU SDPA kernel has no formula upstream: count it like the CUDA flash kernel
-    cpu_sdpa = {
-        aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[
-            aten._scaled_dot_product_flash_attention
-        ]
-    }
-    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with counter:
         gen.generate([rec])
     return float(counter.get_total_flops())
@@ -274,20 +272,23 @@ def main() -> None:
         gen = DiffusersPairGenerator(params(compile=True), pipeline=pipe3)
         configs["ours compile=True"] = ours_runner(gen, args.batch_size)
 
-    # 4. Warm up (compile, allocator, kernels), then alternate the timed runs.
+    # 4. FLOPs per pair (one pair, counted); warm-up (compile, kernels); alternating timed runs.
     recs = records(args.pairs)
+    flops = flops_per_pair(
+        DiffusersPairGenerator(params(images_per_call=2), pipeline=pipe), recs[0]
+    )
+    print(f"  model FLOPs per pair: {flops / 1e12:.3f} TFLOP", flush=True)
     for name, fn in configs.items():
         t = timed(fn, recs[: args.batch_size], device)
         print(f"  warm-up {name}: {t:.1f}s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         for name, fn in configs.items():
             times[name].append(timed(fn, recs, device))
+        print(f"  round {r + 1}/{args.repeats}: " + ", ".join(
+            f"{ts[-1]:.1f}s" for ts in times.values()), flush=True)  # fmt: skip
 
-    # 5. FLOPs per pair and the report.
-    flops = flops_per_pair(
-        DiffusersPairGenerator(params(images_per_call=2), pipeline=pipe), recs[0]
-    )
+    # 5. The report.
     peak, peak_note = (args.peak_tflops, "given") if args.peak_tflops else default_peak(device)
     base = min(times[next(iter(configs))])
     print(f"model FLOPs per pair: {flops / 1e12:.3f} TFLOP; peak {peak_note}")
