@@ -12,7 +12,7 @@ Backend-specific settings live in a nested block named after the backend (``gene
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -109,7 +109,13 @@ class DiffusersGeneratorParams(Section):
     negative_prompt: str = ""
     compile: bool = False
     safety_checker: bool = False
+    """Off by default: it blacks out flagged images, silently poisoning a segmentation set."""
     attention_slicing: bool = False
+    images_per_call: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Images per pipeline call, positives and counterfactuals counted apart (a UNet step sees
+    2x this many rows with guidance). ``auto``: the whole ``generate.batch_size`` (all pairs in
+    one call, at most 32 images) on CUDA; 1 on a CPU, where batching measured no faster
+    (benchmarks/generate.py)."""
     counterfactual_mode: Literal["prompt_swap", "inpaint"] = "prompt_swap"
     inpaint_model: str | None = None
     inpaint_dilate: int = Field(8, ge=0)

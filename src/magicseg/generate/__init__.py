@@ -40,6 +40,13 @@ def _procedural(params: GenerateParams) -> PairGenerator:
     return ProceduralGenerator(params.procedural, params.height, params.width)
 
 
+@GENERATORS.register("diffusers")
+def _diffusers(params: GenerateParams) -> PairGenerator:
+    from magicseg.generate.diffusers_backend import DiffusersPairGenerator
+
+    return DiffusersPairGenerator(params)
+
+
 def build_generator(params: GenerateParams) -> PairGenerator:
     return GENERATORS.build(params.backend, params)
 
