@@ -1,0 +1,30 @@
+"""Stage `train`: the open-vocabulary segmenter on the filtered dataset."""
+
+from pathlib import Path
+
+import typer
+
+from magicseg.config import load_params
+from magicseg.io import write_json
+from magicseg.stage import user_errors
+
+
+@user_errors
+def main(
+    data: Path = typer.Option(..., help="filter stage output"),
+    vocab: Path = typer.Option(...),
+    out: Path = typer.Option(..., help="checkpoint directory"),
+    metrics: Path = typer.Option(...),
+    live: Path = typer.Option(..., help="dvclive directory (training curves)"),
+    params_file: Path = Path("params.yaml"),
+) -> None:
+    from magicseg.train import train
+
+    p = load_params(params_file)
+    result = train(data, vocab, p.train, p.seed, out, live)
+    write_json(metrics, result)
+    print(f"train: {result['steps']} steps, val mIoU {result['val_miou']}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
