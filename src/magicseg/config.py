@@ -230,12 +230,16 @@ class TrainParams(Section):
     cf_loss: Literal["hinge_head", "hinge_pixels", "cf_background", "text_margin"] = "hinge_head"
     """Form of the counterfactual loss (see README: the literal pixel-feature hinge can fight
     the pixel objective)."""
+    cf_margin: float = Field(0.2, ge=0.0, le=2.0)
+    """Margin of ``cf_loss: text_margin`` (cosine units)."""
     bg_weight: float = Field(0.1, gt=0)
     """Cross-entropy weight of the background class."""
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     device: str = "auto"
     logger: Literal["dvclive", "wandb", "none"] = "dvclive"
     log_every: int = Field(25, ge=1)
+    val_every: int = Field(100, ge=1)
+    """Steps between validation mIoU measurements (and always after the last step)."""
     num_threads: int = Field(0, ge=0)
     """torch CPU threads (0 = library default)."""
     offline: OfflineModelParams = OfflineModelParams()
