@@ -4,14 +4,16 @@ text features projected by an MLP (config: :class:`magicseg.config.OfflineModelP
 Shapes (``w`` = width, ``d`` = depth, ``E`` = embed_dim, ``T`` = text_dim):
 
     images Bx3xHxW in [0, 1]
+      -> stem: conv3x3 stride 2 (w/2 channels): everything below runs at H/2 x W/2 (CPU cost)
       -> encoder levels i = 0..d-1: two conv3x3-BN-ReLU with w*2^i channels, 2x max-pool between
-      -> decoder: 2x upsample, concat the skip, two conv3x3-BN-ReLU, back to HxW with w channels
-      -> 1x1 conv: pixel embeddings BxExHxW, L2-normalised
+      -> decoder: 2x upsample, concat the skip, one conv3x3-BN-ReLU per level, back to H/2
+      -> 1x1 conv: pixel embeddings BxExH/2xW/2
     class features KxT or BxKxT -> MLP (T -> 2E -> E) -> L2-normalised class embeddings
-    background: one learnable E-vector
-    logits = exp(logit_scale) * cosine(pixel, [background, classes]) + per-channel bias
+    background: one learnable E-vector (+ a learned bias on its logit)
+    logits = exp(logit_scale) * cosine(pixel, [background, classes]), bilinearly upsampled to HxW
+    global embedding (counterfactual losses): MLP head on the mean-pooled deepest features
 
-``H`` and ``W`` must be multiples of ``2^(d-1)``; other sizes are padded and cropped back.
+Any H, W works: inputs are padded to a multiple of ``2^d`` and the logits cropped back.
 """
 
 from __future__ import annotations
