@@ -194,3 +194,11 @@ def test_wandb_logger_without_wandb_is_a_config_error():
         pass
     with pytest.raises(ConfigError, match="wandb"):
         make_logger("wandb", None, {})
+
+
+def test_train_without_validation_split_reports_none(tmp_path, tiny_data, tiny_encoder):
+    vocab_dir, filter_dir, _ = tiny_data
+    params = tiny_train_params(val_fraction=0.0, steps=1)
+    m = train(filter_dir, vocab_dir, params, 0, tmp_path, None, tiny_encoder)
+    assert m["samples_val"] == 0 and m["samples_train"] == 12
+    assert m["val_miou"] is None and m["num_params"] > 0

@@ -446,7 +446,7 @@ def train(
     directory (``train.logger: dvclive``; None logs nothing). ``text_encoder`` overrides the
     model's (tests). Deterministic given ``seed`` on a CPU. Returns the metrics dict: steps,
     samples_train, samples_val, loss (mean of the last ``log_every`` steps), pixel_loss,
-    cf_loss, val_miou, val_pixel_acc (NaN without a validation split), params (count),
+    cf_loss, val_miou, val_pixel_acc (None without a validation split), num_params,
     seconds.
     """
     # 1. Inputs, checked before any work.
@@ -519,8 +519,8 @@ def train(
         "samples_train": len(train_data),
         "samples_val": len(val_data),
         **{k: round(float(np.mean([w[k] for w in window])), 5) for k in window[-1]},
-        **{k: round(v, 5) for k, v in val.items()},
-        "params": int(sum(p.numel() for p in model.parameters())),
+        **{k: (round(v, 5) if np.isfinite(v) else None) for k, v in val.items()},
+        "num_params": int(sum(p.numel() for p in model.parameters())),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     save_checkpoint(
