@@ -44,13 +44,14 @@ def predict(
     ] = None,
 ) -> None:
     """Segment IMAGES into CLASSES: writes <out>/<name>.mask.png (class indices: 0 =
-    background, k = the k-th class of --classes) and <name>.overlay.png (with a legend)."""
+    background, k = the k-th class of --classes) and <name>.overlay.png (with a legend;
+    images under 256 px are enlarged there)."""
     import numpy as np
 
     from magicseg.io import read_image, write_image, write_mask
     from magicseg.model import load_checkpoint
     from magicseg.model.predictor import Predictor, to_tensor
-    from magicseg.viz import legend, overlay, palette, stack_vertical
+    from magicseg.viz import legend, overlay, palette, stack_vertical, upscale
 
     # 1. Check the inputs before loading anything heavy.
     names = [c.strip() for c in classes.split(",") if c.strip()]
@@ -70,10 +71,9 @@ def predict(
         mask = predictor.segment(to_tensor([image]))[0].numpy()
         write_mask(out / f"{path.stem}.mask.png", mask, len(names))
         present = [int(c) for c in np.unique(mask) if c > 0]
-        key = legend([names[c - 1] for c in present], [colours[c] for c in present], image.shape[1])
-        write_image(
-            out / f"{path.stem}.overlay.png", stack_vertical(overlay(image, mask, colours), key)
-        )
+        shown = upscale(overlay(image, mask, colours), max(1, 256 // max(image.shape[:2])))
+        key = legend([names[c - 1] for c in present], [colours[c] for c in present], shown.shape[1])
+        write_image(out / f"{path.stem}.overlay.png", stack_vertical(shown, key))
         areas = {names[c - 1]: round(float((mask == c).mean()), 4) for c in present}
         typer.echo(f"{path}: {json.dumps(areas)}")
 

@@ -53,10 +53,13 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def legend(names: Sequence[str], colours: Sequence[Sequence[int]], width: int) -> np.ndarray:
-    """A ``width``-wide HWC uint8 strip: one colour swatch + name per line."""
+    """An HWC uint8 strip at least ``width`` wide (wider when a name needs it): one colour
+    swatch + name per line."""
     font = ImageFont.load_default()
     line = 14
-    img = Image.new("RGB", (max(width, 60), line * max(len(names), 1) + 4), (255, 255, 255))
+    text_w = max((int(font.getlength(n)) for n in names), default=0)
+    size = (max(width, 60, 20 + text_w), line * max(len(names), 1) + 4)
+    img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for i, (name, col) in enumerate(zip(names, colours, strict=True)):
         y = 2 + i * line
