@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# dvc runs stage commands through a shell: `python` must be the venv's
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup repro test lint clean
 

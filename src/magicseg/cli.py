@@ -119,5 +119,23 @@ def info(
     )
 
 
+@app.command()
+@_user_errors
+def export(
+    filtered: Path = typer.Option(Path("data/filter"), help="filter stage output"),
+    vocab: Path = typer.Option(Path("data/vocabulary"), help="vocabulary stage output"),
+    out: Path = typer.Option(Path("export/coco.json"), help="output JSON"),
+    fmt: str = typer.Option("coco", "--format", help="export format (coco)"),
+) -> None:
+    """Export the kept dataset for other toolkits (COCO JSON with RLE masks)."""
+    from magicseg.errors import ConfigError
+    from magicseg.export import export_coco
+
+    if fmt != "coco":
+        raise ConfigError(f"--format: unknown format {fmt!r} (available: coco)")
+    n = export_coco(filtered, vocab, out)
+    typer.echo(f"export: {n['images']} images, {n['annotations']} annotations -> {out}")
+
+
 if __name__ == "__main__":
     app()

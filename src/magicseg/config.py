@@ -236,7 +236,7 @@ class TrainParams(Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    num_sampled: int = Field(12, ge=1)
+    num_sampled: int = Field(40, ge=1)
     """Classes scored per image: its own first, then random others (category random sampling)."""
     cf_weight: float = Field(0.5, ge=0)
     cf_loss: Literal["hinge_head", "hinge_pixels", "cf_background", "text_margin"] = "cf_background"
@@ -254,7 +254,7 @@ class TrainParams(Section):
     log_every: int = Field(25, ge=1)
     val_every: int = Field(100, ge=1)
     """Steps between validation mIoU measurements (and always after the last step)."""
-    num_threads: int = Field(0, ge=0)
+    num_threads: int = Field(1, ge=0)
     """torch CPU threads (0 = library default)."""
     offline: OfflineModelParams = OfflineModelParams()
     clip: ClipModelParams = ClipModelParams()
