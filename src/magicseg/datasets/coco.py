@@ -29,7 +29,7 @@ import numpy as np
 from magicseg.datasets import Sample, require
 from magicseg.errors import DataError
 from magicseg.io import ignore_index, read_image
-from magicseg.vocabulary import builtin_names, normalize_name
+from magicseg.vocabulary import builtin_names, check_names, normalize_name
 
 COCO_LAYOUT = "COCO 2017 with annotations/instances_val2017.json and val2017/*.jpg"
 LVIS_LAYOUT = (
@@ -79,7 +79,7 @@ class CocoSemantic:
                 raise DataError(f"{annotations}: not a COCO instances file ({err})") from None
         self.name = name
         self.image_root = image_root
-        self.names = builtin_names(vocabulary)
+        self.names = check_names(builtin_names(vocabulary), vocabulary)
         self.ignore = ignore_index(len(self.names))
         self.variants = {name: True}
         cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])

@@ -20,7 +20,7 @@ import numpy as np
 from magicseg.datasets import Sample, require
 from magicseg.errors import DataError
 from magicseg.io import IGNORE_U8, read_image, read_mask
-from magicseg.vocabulary import builtin_names
+from magicseg.vocabulary import builtin_names, check_names
 
 
 class _PascalSplit:
@@ -42,7 +42,7 @@ class _PascalSplit:
         if not ids:
             raise DataError(f"{root / self.split_file}: no image ids")
         self.ids = ids[:limit] if limit else ids
-        self.names = builtin_names(self.vocabulary)
+        self.names = check_names(builtin_names(self.vocabulary), self.vocabulary)
         self.ignore = IGNORE_U8
 
     def __len__(self) -> int:
