@@ -9,7 +9,6 @@ import numpy as np
 from PIL import Image
 
 from magicseg.datasets.pascal import voc_palette
-from magicseg.vocabulary import builtin_names
 
 # the 80 COCO category ids (non-contiguous), in the order of vocabulary.COCO
 COCO_IDS = [

@@ -237,7 +237,9 @@ def run_benchmarks(
     if segmenter is None:
         if params.model == "grounded_sam":
             if grounded_sam is None:
-                raise BackendError("evaluate.model: grounded_sam needs the label.grounded_sam block")
+                raise BackendError(
+                    "evaluate.model: grounded_sam needs the label.grounded_sam block"
+                )
             segmenter = grounded_sam_segmenter(grounded_sam)
         else:
             if checkpoint is None:

@@ -209,15 +209,13 @@ def predict(
         raise DataError("predict: give at least one class name")
     if len(set(names)) != len(names):
         raise DataError("predict: duplicate class names")
-    if isinstance(images, np.ndarray) and images.ndim == 3:
+    if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim == 3):
         images = [images]
-    arrays = [im for im in images if isinstance(im, np.ndarray)] if not isinstance(
-        images, (str, Path)
-    ) else []
-    if arrays and len(arrays) != len(images):
-        raise DataError("predict: give either arrays or paths, not both")
-    if not arrays:
-        arrays = [read_image(p) for p in expand_inputs(images)]
+    images = list(images)  # a BxHxWx3 array becomes its images
+    given = sum(isinstance(im, np.ndarray) for im in images)
+    if 0 < given < len(images):
+        raise DataError("predict: give either image arrays or paths, not both")
+    arrays = images if given else [read_image(p) for p in expand_inputs(images)]
 
     # 2. Model and class features.
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else None
