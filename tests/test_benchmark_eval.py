@@ -60,7 +60,7 @@ def test_iou_and_miou_equal_torchmetrics(rng):
     seen = np.zeros(c, bool)
     for pred, target in _random_batches(rng, c):
         cm_np.update(pred, target)
-        cm_torch.update(torch.from_numpy(pred), torch.from_numpy(target))
+        cm_torch._update_torch(torch.from_numpy(pred), torch.from_numpy(target))  # GPU path
         ref.update(torch.from_numpy(pred), torch.from_numpy(target))
         keep = target != 255
         seen |= np.bincount(pred[keep], minlength=c)[:c] > 0

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from magicseg.datasets import Sample, require
-from magicseg.errors import DataError
+from magicseg.errors import BackendError, DataError
 from magicseg.io import ignore_index, read_image
 from magicseg.vocabulary import builtin_names, check_names, normalize_name
 
@@ -70,7 +70,12 @@ class CocoSemantic:
         name: str,
         limit: int | None = None,
     ) -> None:
-        from pycocotools.coco import COCO
+        try:
+            from pycocotools.coco import COCO
+        except ImportError:
+            raise BackendError(
+                f"evaluate.{name}: needs pycocotools (pip install 'magicseg[coco]')"
+            ) from None
 
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             try:
