@@ -128,8 +128,8 @@ def test_sliding_window_equals_whole_image_when_it_covers_the_image():
 def test_overlapping_windows_average_to_the_whole_image_for_a_pointwise_model():
     torch.manual_seed(0)
     net = torch.nn.Conv2d(3, 5, 1)
-    x = torch.rand(1, 3, 50, 70)
-    out = slide(net, x, window=32, stride=20)
+    x = torch.rand(2, 3, 50, 70)  # two images, crops batched 3 at a time (a partial chunk)
+    out = slide(net, x, window=32, stride=20, batch_size=3)
     torch.testing.assert_close(out, net(x), rtol=0, atol=1e-6)
 
 
@@ -147,7 +147,9 @@ def test_sliding_window_matches_a_direct_mmseg_loop():
             y1, x1 = max(y2 - win, 0), max(x2 - win, 0)
             acc[..., y1:y2, x1:x2] += net(x[..., y1:y2, x1:x2])
             cnt[..., y1:y2, x1:x2] += 1
-    torch.testing.assert_close(slide(net, x, win, stride), acc / cnt, rtol=0, atol=1e-6)
+    for batch_size in (1, 4):
+        got = slide(net, x, win, stride, batch_size=batch_size)
+        torch.testing.assert_close(got, acc / cnt, rtol=0, atol=1e-6)
 
 
 def test_chunked_labels_equal_full_resize_then_argmax():

@@ -44,24 +44,32 @@ def slide(
     x: torch.Tensor,
     window: int | None,
     stride: int | None,
+    batch_size: int = 8,
 ) -> torch.Tensor:
-    """Bx3xHxW -> BxCxHxW: ``fn`` (Bx3xhxw -> BxCxhxw logits) on every window, overlapping
-    logits averaged. ``window`` None (or covering the image): one call on the whole image."""
-    h, w = x.shape[-2:]
+    """Bx3xHxW -> BxCxHxW: ``fn`` (Nx3xhxw -> NxCxhxw logits) on every window, overlapping
+    logits averaged. ``window`` None (or covering the image): one call on the whole image.
+    Every crop has the same shape (min(window, H), min(window, W)), so crops go through ``fn``
+    ``batch_size`` at a time."""
+    b, _, h, w = x.shape
     if window is None or (window >= h and window >= w):
         return fn(x)
     stride = stride or window
+    boxes = [
+        (y, x0) for y in window_starts(h, window, stride) for x0 in window_starts(w, window, stride)
+    ]
+    ch, cw = min(window, h), min(window, w)
     out: torch.Tensor | None = None
     count = torch.zeros(1, 1, h, w, device=x.device)
-    for y in window_starts(h, window, stride):
-        for x0 in window_starts(w, window, stride):
-            crop = x[..., y : y + window, x0 : x0 + window]
-            logits = fn(crop)
-            if out is None:
-                out = torch.zeros(x.shape[0], logits.shape[1], h, w, device=logits.device)
-                count = count.to(logits.device)
-            out[..., y : y + crop.shape[-2], x0 : x0 + crop.shape[-1]] += logits
-            count[..., y : y + crop.shape[-2], x0 : x0 + crop.shape[-1]] += 1
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes[start : start + batch_size]
+        crops = torch.cat([x[..., y : y + ch, x0 : x0 + cw] for y, x0 in chunk])
+        logits = fn(crops)
+        if out is None:
+            out = torch.zeros(b, logits.shape[1], h, w, device=logits.device, dtype=logits.dtype)
+            count = count.to(logits.device)
+        for i, (y, x0) in enumerate(chunk):
+            out[..., y : y + ch, x0 : x0 + cw] += logits[i * b : (i + 1) * b]
+            count[..., y : y + ch, x0 : x0 + cw] += 1
     return out / count
 
 
