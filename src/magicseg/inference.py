@@ -151,8 +151,15 @@ class SlidingPredictor:
 
         x = to_tensor([image]).to(self.predictor.device)
         x = resize_short_side(x, self.short_side)
+        # crops per forward: at most 8, and ~1.5 GB of float32 logits (1 for LVIS at 448 px)
+        per_crop = 4 * (1 + len(self.predictor.names)) * (self.window or 1) ** 2
+        batch = max(1, min(8, int(1.5e9 // per_crop)))
         return slide(
-            lambda crop: self.predictor.predict(crop, to_cpu=False), x, self.window, self.stride
+            lambda crop: self.predictor.predict(crop, to_cpu=False),
+            x,
+            self.window,
+            self.stride,
+            batch,
         )
 
     def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
