@@ -67,9 +67,8 @@ class ConfusionMatrix:
             keep &= target != self.ignore_index
         pred, target = pred[keep], target[keep]
         inside = (pred >= 0) & (pred < c)
-        self._matrix += np.bincount(target[inside] * c + pred[inside], minlength=c * c).reshape(
-            c, c
-        )
+        cells = np.bincount(target[inside] * c + pred[inside], minlength=c * c)
+        self._matrix += cells.reshape(c, c)
         self._missed += np.bincount(target[~inside], minlength=c)
 
     def _update_torch(self, pred: torch.Tensor, target: torch.Tensor) -> None:
