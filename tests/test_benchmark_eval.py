@@ -340,16 +340,34 @@ def gsam_dirs(tmp_path_factory):
     return save_grounded_sam(tmp_path_factory.mktemp("gsam"))
 
 
-def test_grounded_sam_baseline_runs_on_voc_by_name(tmp_path, gsam_dirs):
-    """``evaluate.model: grounded_sam`` through the real loading path (random tiny models)."""
+def test_grounded_sam_baseline_runs_by_name(tmp_path, gsam_dirs, tiny_data):
+    """``evaluate.model: grounded_sam`` through the real loading path (random tiny models):
+    the procedural test set and VOC, every output written."""
+    vocab_dir, _, _ = tiny_data
     voc, _ = make_voc(tmp_path, classes=(12,))
     det, seg = gsam_dirs
     gsam = GroundedSamParams(detector=str(det), segmenter=str(seg), device="cpu")
-    params = EvaluateParams(model="grounded_sam", voc={"enabled": True, "root": str(voc)})
-    m = evaluate_all(None, tmp_path, params, seed=0, grounded_sam=gsam)
-    assert set(m) == {"voc", "voc20"}  # no procedural test set for the baseline
+    params = EvaluateParams(
+        model="grounded_sam", test_samples=3, gallery=2, voc={"enabled": True, "root": str(voc)}
+    )
+    m = evaluate_all(
+        None,
+        vocab_dir,
+        params,
+        seed=0,
+        grounded_sam=gsam,
+        metrics_path=tmp_path / "eval.json",
+        per_class_path=tmp_path / "per_class.csv",
+        gallery_path=tmp_path / "gallery.png",
+        benchmarks_dir=tmp_path / "bench",
+        procedural_size=(48, 48),
+    )
+    assert set(m) == {"procedural", "voc", "voc20"}
+    assert m["procedural"]["samples"] == 3 and m["procedural"]["model"] == "grounded_sam"
     assert m["voc"]["model"] == "grounded_sam" and m["voc"]["images"] == 1
     assert 0.0 <= m["voc"]["miou"] <= 1.0
+    for out in ("eval.json", "per_class.csv", "gallery.png", "bench/per_class/voc.csv"):
+        assert (tmp_path / out).is_file(), out
 
 
 def test_grounded_sam_baseline_finds_the_scripted_object(tmp_path, gsam_dirs):

@@ -197,6 +197,38 @@ def _fit(image: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
     return out
 
 
+def procedural_baseline(
+    segmenter: Segmenter,
+    vocab_dir: str | Path,
+    params: EvaluateParams,
+    seed: int,
+    size: tuple[int, int],
+    per_class_path: str | Path | None = None,
+    gallery_path: str | Path | None = None,
+) -> dict:
+    """The procedural test set of :func:`magicseg.evaluate.evaluate` (same images, seeds and
+    summary keys), scored for a segmenter without a checkpoint (the Grounded-SAM baseline),
+    rendered at ``size`` = (H, W). Returns ``{"procedural": {...}}``."""
+    from magicseg.evaluate import _summary, render_test_set, write_gallery, write_per_class
+    from magicseg.io import ignore_index, read_manifest
+    from magicseg.vocabulary import Vocabulary
+
+    vocab = Vocabulary.from_frame(read_manifest(vocab_dir))
+    test = render_test_set(vocab, params.test_samples, seed, params.drift, size)
+    segmenter.set_classes(list(vocab.names))
+    cm = ConfusionMatrix(len(vocab) + 1, ignore_index(len(vocab)))
+    pred = np.stack([segmenter(im)[0].cpu().numpy() for im in test.images])
+    cf_pred = np.stack([segmenter(im)[0].cpu().numpy() for im in test.cf_images])
+    cm.update(pred, test.masks)
+    if per_class_path is not None:
+        write_per_class(per_class_path, cm, vocab)
+    if gallery_path is not None and params.gallery:
+        write_gallery(gallery_path, test, pred, cf_pred, vocab, params.gallery)
+    summary = _summary(cm, vocab.trainable, sorted(vocab.holdout))
+    summary |= {"cf_fg_rate": round(float((cf_pred > 0).mean()), 4), "samples": len(test.records)}
+    return {"procedural": summary | {"model": params.model}}
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
@@ -273,19 +305,24 @@ def evaluate_all(
     per_class_path: str | Path | None = None,
     gallery_path: str | Path | None = None,
     benchmarks_dir: str | Path | None = None,
+    procedural_size: tuple[int, int] = (256, 256),
     text_encoder=None,
 ) -> dict:
-    """The ``evaluate`` stage: the procedural test set (``evaluate.model: checkpoint`` only,
-    :func:`magicseg.evaluate.evaluate`) and the enabled benchmarks, in one metrics dict keyed
-    by benchmark, written to ``metrics_path``. ``benchmarks_dir`` receives
+    """The ``evaluate`` stage: the procedural test set and the enabled benchmarks, in one
+    metrics dict keyed by benchmark, written to ``metrics_path``.
+
+    ``evaluate.model: checkpoint``: :func:`magicseg.evaluate.evaluate` (test set at the
+    checkpoint's training size); ``grounded_sam``: :func:`procedural_baseline` at
+    ``procedural_size`` (give the generate stage's (height, width) to match the label stage),
+    ``grounded_sam`` being the ``label.grounded_sam`` block. ``benchmarks_dir`` receives
     ``per_class/<variant>.csv`` and ``gallery/<benchmark>.png``."""
     from magicseg.evaluate import evaluate
 
     # 1. Benchmark layouts checked before anything runs.
     datasets = open_enabled(params)
 
-    # 2. The procedural test set (a trained model only).
-    metrics: dict = {}
+    # 2. The procedural test set.
+    segmenter = None
     if params.model == "checkpoint":
         metrics = evaluate(
             checkpoint,
@@ -295,6 +332,13 @@ def evaluate_all(
             per_class_path=per_class_path,
             gallery_path=gallery_path,
             text_encoder=text_encoder,
+        )
+    else:
+        if grounded_sam is None:
+            raise BackendError("evaluate.model: grounded_sam needs the label.grounded_sam block")
+        segmenter = grounded_sam_segmenter(grounded_sam)
+        metrics = procedural_baseline(
+            segmenter, vocab_dir, params, seed, procedural_size, per_class_path, gallery_path
         )
 
     # 3. The benchmarks (the output folders exist even with none enabled, for DVC).
@@ -310,6 +354,7 @@ def evaluate_all(
             per_class_dir=out / "per_class" if out else None,
             gallery_dir=out / "gallery" if out else None,
             datasets=datasets,
+            segmenter=segmenter,
             text_encoder=text_encoder,
         )
     )
