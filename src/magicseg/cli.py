@@ -35,22 +35,36 @@ def _user_errors(fn: Callable) -> Callable:
 @app.command()
 @_user_errors
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).")],
+    images: Annotated[
+        list[str], typer.Argument(help="Image files, folders or glob patterns ('imgs/**/*.jpg').")
+    ],
     classes: Annotated[str, typer.Option(help='Comma-separated class names: "a,b,c".')],
     checkpoint: Annotated[Path, typer.Option(help="A model.pt written by the train stage.")],
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("predictions"),
     bg_threshold: Annotated[
         float | None, typer.Option(help="Background below this class probability.")
     ] = None,
+    short_side: Annotated[
+        int | None, typer.Option(help="Resize each image's short side to this first.")
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(help="Sliding-window size in pixels (large images).")
+    ] = None,
+    stride: Annotated[int | None, typer.Option(help="Sliding-window stride.")] = None,
+    template: Annotated[
+        list[str] | None, typer.Option(help='Prompt template, repeatable: "a photo of a {}."')
+    ] = None,
 ) -> None:
     """Segment IMAGES into CLASSES: writes <out>/<name>.mask.png (class indices: 0 =
     background, k = the k-th class of --classes) and <name>.overlay.png (with a legend;
     images under 256 px are enlarged there)."""
     import numpy as np
+    import torch
 
+    from magicseg.inference import SlidingPredictor, expand_inputs
     from magicseg.io import read_image, write_image, write_mask
     from magicseg.model import load_checkpoint
-    from magicseg.model.predictor import Predictor, to_tensor
+    from magicseg.model.predictor import Predictor
     from magicseg.viz import legend, overlay, palette, stack_vertical, upscale
 
     # 1. Check the inputs before loading anything heavy.
@@ -59,16 +73,28 @@ def predict(
         raise MagicsegError("--classes: give at least one class name")
     if len(set(names)) != len(names):
         raise MagicsegError("--classes: duplicate class names")
-    arrays = [read_image(p) for p in images]
+    templates = tuple(template or ("{}",))
+    if any(t.count("{}") != 1 for t in templates):
+        raise MagicsegError("--template: each template needs exactly one {}")
+    paths = expand_inputs(images)
 
     # 2. Model and class embeddings.
-    predictor = Predictor(load_checkpoint(checkpoint), bg_threshold=bg_threshold)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    predictor = SlidingPredictor(
+        Predictor(load_checkpoint(checkpoint), device=device),
+        short_side,
+        window,
+        stride,
+        bg_threshold,
+        templates,
+    )
     predictor.set_classes(names)
     colours = palette(len(names))
 
     # 3. One image at a time (sizes may differ).
-    for path, image in zip(images, arrays, strict=True):
-        mask = predictor.segment(to_tensor([image]))[0].numpy()
+    for path in paths:
+        image = read_image(path)
+        mask = predictor(image)[0].cpu().numpy()
         write_mask(out / f"{path.stem}.mask.png", mask, len(names))
         present = [int(c) for c in np.unique(mask) if c > 0]
         shown = upscale(overlay(image, mask, colours), max(1, 256 // max(image.shape[:2])))

@@ -266,6 +266,8 @@ class TrainParams(Section):
 class BenchmarkParams(Section):
     enabled: bool = False
     root: str | None = None
+    limit: int | None = Field(None, ge=1)
+    """Evaluate the first ``limit`` images only (quick checks); None = the whole split."""
 
 
 class EvaluateParams(Section):
@@ -279,10 +281,18 @@ class EvaluateParams(Section):
     window: int = Field(448, ge=32)
     stride: int = Field(300, ge=1)
     bg_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    templates: tuple[str, ...] = ("{}",)
+    """Benchmarks: class-name prompt templates ("a photo of a {}."), text features averaged."""
     voc: BenchmarkParams = BenchmarkParams()
     context: BenchmarkParams = BenchmarkParams()
     coco_object: BenchmarkParams = BenchmarkParams()
     lvis: BenchmarkParams = BenchmarkParams()
+
+    @model_validator(mode="after")
+    def _check_templates(self):
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise ValueError("templates: give one or more strings, each with exactly one {}")
+        return self
 
 
 # --------------------------------------------------------------------------------------------

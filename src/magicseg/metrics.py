@@ -3,6 +3,11 @@
 Classes are ``0..C-1`` with 0 = background; pixels whose target is the ignore value are skipped.
 IoU of class ``c`` = TP / (TP + FP + FN); a class with no target and no predicted pixel has no
 IoU (NaN) and is left out of every mean, so absent classes neither help nor hurt.
+
+Streaming: ``update`` folds each batch into the counts and keeps nothing else. Predictions on a
+GPU are counted there (``torch.bincount``) into a device-side buffer that is copied to the host
+only when the counts are read; CPU tensors take the numpy path (``np.bincount`` is several
+times faster than ``torch.bincount`` on the CPU: ``benchmarks/bench_confusion.py``).
 """
 
 from __future__ import annotations
@@ -24,11 +29,34 @@ class ConfusionMatrix:
     def __init__(self, num_classes: int, ignore_index: int | None = 255) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-        self.missed = np.zeros(num_classes, dtype=np.int64)
+        self._matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self._missed = np.zeros(num_classes, dtype=np.int64)
+        self._pending: torch.Tensor | None = None  # C*C + C counts on a torch device
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """``C x C`` int64 counts, rows = target, columns = prediction."""
+        self._flush()
+        return self._matrix
+
+    @property
+    def missed(self) -> np.ndarray:
         """Target pixels whose prediction fell outside ``0..C-1`` (counted as false negatives)."""
+        self._flush()
+        return self._missed
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            counts = self._pending.cpu().numpy()
+            c = self.num_classes
+            self._matrix += counts[: c * c].reshape(c, c)
+            self._missed += counts[c * c :]
+            self._pending = None
 
     def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> None:
+        if isinstance(pred, torch.Tensor) and pred.device.type != "cpu":
+            self._update_torch(pred, torch.as_tensor(target, device=pred.device))
+            return
         pred = _flat(pred)
         target = _flat(target)
         if pred.shape != target.shape:
@@ -39,12 +67,31 @@ class ConfusionMatrix:
             keep &= target != self.ignore_index
         pred, target = pred[keep], target[keep]
         inside = (pred >= 0) & (pred < c)
-        self.matrix += np.bincount(target[inside] * c + pred[inside], minlength=c * c).reshape(c, c)
-        self.missed += np.bincount(target[~inside], minlength=c)
+        cells = np.bincount(target[inside] * c + pred[inside], minlength=c * c)
+        self._matrix += cells.reshape(c, c)
+        self._missed += np.bincount(target[~inside], minlength=c)
+
+    def _update_torch(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """The same counts with ``torch.bincount`` on the tensors' device (no host copy)."""
+        pred = pred.reshape(-1).long()
+        target = target.reshape(-1).long()
+        if pred.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        c = self.num_classes
+        keep = (target >= 0) & (target < c)
+        if self.ignore_index is not None:
+            keep &= target != self.ignore_index
+        pred, target = pred[keep], target[keep]
+        inside = (pred >= 0) & (pred < c)
+        # one bincount: cells 0..C*C-1 for (target, pred), C*C + t for a miss of target t
+        index = torch.where(inside, target * c + pred, c * c + target)
+        counts = torch.bincount(index, minlength=c * c + c)
+        self._pending = counts if self._pending is None else self._pending + counts
 
     def merge(self, other: ConfusionMatrix) -> None:
-        self.matrix += other.matrix
-        self.missed += other.missed
+        self._flush()
+        self._matrix += other.matrix
+        self._missed += other.missed
 
     def iou(self) -> np.ndarray:
         """Per-class IoU, length C, NaN for classes absent from both target and prediction."""

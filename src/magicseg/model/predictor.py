@@ -40,17 +40,22 @@ class Predictor:
         self.names: list[str] = []
         self._features: torch.Tensor | None = None
 
-    def set_classes(self, names: Sequence[str]) -> None:
-        """Encode the class names once (KxT text features)."""
+    def set_classes(self, names: Sequence[str], templates: Sequence[str] = ("{}",)) -> None:
+        """Encode the class names once (KxT text features); with several ``templates``
+        ("a photo of a {}."), a class's features are the normalised mean over its templates."""
         names = [n.strip() for n in names if n.strip()]
         if not names:
             raise DataError("no class names given")
         self.names = names
-        self._features = self.ckpt.text_encoder.encode(names).to(self.device)
+        encode = self.ckpt.text_encoder.encode
+        feats = [encode([t.format(n) for n in names]).float() for t in templates]
+        mean = feats[0] if len(feats) == 1 else F.normalize(torch.stack(feats).mean(0), dim=-1)
+        self._features = mean.to(self.device)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Bx3xHxW float in [0, 1] -> Bx(1+K)xHxW float logits (CPU)."""
+    def predict(self, images: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
+        """Bx3xHxW float in [0, 1] -> Bx(1+K)xHxW float logits (CPU, or the model's device
+        with ``to_cpu=False``)."""
         if self._features is None:
             raise DataError("set_classes() first")
         h, w = images.shape[-2:]
@@ -61,7 +66,7 @@ class Predictor:
         logits = self.model(x, self._features).logits
         if (h, w) != (th, tw):
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        return logits.float().cpu()
+        return logits.float().cpu() if to_cpu else logits.float()
 
     def segment(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Bx3xHxW float in [0, 1] -> BxHxW int64 class indices (0 = background)."""
