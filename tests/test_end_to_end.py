@@ -20,8 +20,14 @@ MINI = {
     "vocabulary": {"holdout": 4},
     "prompts": {"requests": 6, "per_request": 4},
     "generate": {"height": 32, "width": 32},
-    "train": {"steps": 4, "batch_size": 4, "num_sampled": 6, "log_every": 2, "val_every": 2,
-              "offline": {"width": 8, "depth": 2, "embed_dim": 16}},
+    "train": {
+        "steps": 4,
+        "batch_size": 4,
+        "num_sampled": 6,
+        "log_every": 2,
+        "val_every": 2,
+        "offline": {"width": 8, "depth": 2, "embed_dim": 16},
+    },
     "evaluate": {"test_samples": 8, "gallery": 2},
 }
 
@@ -58,10 +64,21 @@ def test_pipeline_end_to_end(tmp_path):
     _run(["git", "init", "-q"], tmp_path)
     _run(dvc + ["init", "-q"], tmp_path)
     _run(dvc + ["config", "core.analytics", "false"], tmp_path)
+    _run(["git", "add", "-A"], tmp_path)
+    git_id = ["-c", "user.name=magicseg test", "-c", "user.email=test@magicseg.invalid"]
+    _run(["git", *git_id, "commit", "-qm", "miniature project"], tmp_path)
 
     # 2. Every stage runs and writes its metrics.
     log = _run(dvc + ["repro"], tmp_path)
-    assert _ran(log) == {"vocabulary", "prompts", "generate", "label", "filter", "train", "evaluate"}
+    assert _ran(log) == {
+        "vocabulary",
+        "prompts",
+        "generate",
+        "label",
+        "filter",
+        "train",
+        "evaluate",
+    }
     metrics = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "metrics").glob("*.json")}
     assert metrics["prompts"]["prompts"] == 24
     assert metrics["label"]["samples"] == 24 and metrics["label"]["oracle_miou"] > 0.3
