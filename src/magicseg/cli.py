@@ -5,35 +5,20 @@ User errors (:class:`magicseg.errors.MagicsegError`) print one line and exit wit
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from magicseg.errors import MagicsegError
+from magicseg.errors import ConfigError
+from magicseg.stage import user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
-def _user_errors(fn: Callable) -> Callable:
-    """Turn a MagicsegError into one line on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MagicsegError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(err.exit_code) from None
-
-    return wrapper
-
-
 @app.command()
-@_user_errors
+@user_errors
 def predict(
     images: Annotated[
         list[str], typer.Argument(help="Image files, folders or glob patterns ('imgs/**/*.jpg').")
@@ -70,12 +55,12 @@ def predict(
     # 1. Check the inputs before loading anything heavy.
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if not names:
-        raise MagicsegError("--classes: give at least one class name")
+        raise ConfigError("--classes: give at least one class name")
     if len(set(names)) != len(names):
-        raise MagicsegError("--classes: duplicate class names")
+        raise ConfigError("--classes: duplicate class names")
     templates = tuple(template or ("{}",))
     if any(t.count("{}") != 1 for t in templates):
-        raise MagicsegError("--template: each template needs exactly one {}")
+        raise ConfigError("--template: each template needs exactly one {}")
     paths = expand_inputs(images)
 
     # 2. Model and class embeddings.
@@ -105,7 +90,7 @@ def predict(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def info(
     params: Annotated[Path, typer.Option(help="params.yaml to read the profile from.")] = Path(
         "params.yaml"
@@ -146,7 +131,7 @@ def info(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def export(
     filtered: Path = typer.Option(Path("data/filter"), help="filter stage output"),
     vocab: Path = typer.Option(Path("data/vocabulary"), help="vocabulary stage output"),
