@@ -33,6 +33,7 @@ class Section(BaseModel):
 # --------------------------------------------------------------------------------------------
 class VocabularyParams(Section):
     source: Literal["procedural", "lvis", "coco", "voc", "context", "file"] = "procedural"
+    """Built-in vocabulary or `file`."""
     file: str | None = None
     """A text file with one class name per line (``source: file``)."""
     holdout: int = Field(8, ge=0)
@@ -54,10 +55,13 @@ class VocabularyParams(Section):
 class OpenAIWriterParams(Section):
     model: str = "gpt-4o-mini"
     base_url: str | None = None
+    """OpenAI-compatible server (vLLM, Ollama, llama.cpp); null = api.openai.com."""
     api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable that holds the API key (never put the key itself here)."""
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     max_tokens: int = Field(2048, ge=16)
     concurrency: int = Field(4, ge=1, le=256)
+    """Requests in flight at once."""
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(60.0, gt=0)
     llm_counterfactual: bool = False
@@ -77,11 +81,13 @@ class TransformersWriterParams(Section):
 
 class PromptsParams(Section):
     writer: Literal["template", "openai", "transformers"] = "template"
+    """Prompt writer: offline templates, an OpenAI-compatible API, or a local LLM."""
     style: Literal["rich", "plain"] = "rich"
     """``rich``: busy scene descriptions; ``plain``: "a photo of a {class}" (paper's ablation)."""
     requests: int = Field(300, ge=1)
     """How many requests; each picks its 1-2 classes and asks for ``per_request`` prompts."""
     per_request: int = Field(10, ge=1, le=100)
+    """Descriptions asked per request (10 in the paper)."""
     two_class_fraction: float = Field(0.3, ge=0.0, le=1.0)
     """Share of requests that pick two classes instead of one."""
     openai: OpenAIWriterParams = OpenAIWriterParams()
@@ -101,9 +107,12 @@ class ProceduralGeneratorParams(Section):
 
 class DiffusersGeneratorParams(Section):
     model: str = "runwayml/stable-diffusion-v1-5"
+    """Any diffusers text-to-image checkpoint: hub id or local directory."""
     scheduler: Literal["dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "default"] = "dpm++"
     steps: int = Field(20, ge=1, le=1000)
+    """Denoising steps."""
     guidance: float = Field(7.5, ge=0.0)
+    """Classifier-free guidance scale (0 disables the unconditional rows)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     negative_prompt: str = ""
@@ -123,9 +132,11 @@ class DiffusersGeneratorParams(Section):
 
 class GenerateParams(Section):
     backend: Literal["procedural", "diffusers"] = "procedural"
+    """Pair generator: `procedural` (offline, CPU) or `diffusers` (Stable Diffusion)."""
     height: int = Field(64, ge=16, le=4096)
     width: int = Field(64, ge=16, le=4096)
     batch_size: int = Field(64, ge=1)
+    """Prompts per generator call (pairs share their seeds whatever the batch)."""
     procedural: ProceduralGeneratorParams = ProceduralGeneratorParams()
     diffusers: DiffusersGeneratorParams = DiffusersGeneratorParams()
 
@@ -155,7 +166,9 @@ class DifferenceLabelerParams(Section):
 
 class GroundedSamParams(Section):
     detector: str = "IDEA-Research/grounding-dino-tiny"
+    """Grounding DINO checkpoint: hub id or local directory."""
     segmenter: str = "facebook/sam-vit-huge"
+    """SAM checkpoint: hub id or local directory."""
     box_threshold: float = Field(0.3, ge=0.0, le=1.0)
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
@@ -173,6 +186,7 @@ class GroundedSamParams(Section):
 
 class LabelParams(Section):
     backend: Literal["difference", "oracle", "grounded_sam"] = "difference"
+    """Labeler: `difference` (model-free), `oracle` (renderer masks), `grounded_sam`."""
     difference: DifferenceLabelerParams = DifferenceLabelerParams()
     grounded_sam: GroundedSamParams = GroundedSamParams()
 
@@ -232,9 +246,12 @@ class ClipModelParams(Section):
 
 class TrainParams(Section):
     model: Literal["offline", "clip"] = "offline"
+    """Segmenter: `offline` (small U-Net + MiniLM) or `clip` (CLIP ViT with deep visual prompts)."""
     steps: int = Field(600, ge=1)
+    """Optimiser steps."""
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
+    """Peak learning rate (warm-up, then cosine decay)."""
     weight_decay: float = Field(1e-4, ge=0)
     num_sampled: int = Field(40, ge=1)
     """Classes scored per image: its own first, then random others (category random sampling)."""
@@ -272,6 +289,7 @@ class BenchmarkParams(Section):
 
 class EvaluateParams(Section):
     model: Literal["checkpoint", "grounded_sam"] = "checkpoint"
+    """What is evaluated: the trained checkpoint or the zero-shot Grounded-SAM baseline."""
     test_samples: int = Field(600, ge=1)
     """Procedural held-out test images (rendered with seeds disjoint from training)."""
     drift: float = Field(0.2, ge=0.0, le=1.0)
@@ -300,7 +318,9 @@ class EvaluateParams(Section):
 # --------------------------------------------------------------------------------------------
 class Params(Section):
     profile: Literal["offline", "paper"] = "offline"
+    """Set by the Hydra profile (`dvc exp run -S profile=paper`); informational."""
     seed: int = Field(0, ge=0)
+    """Global seed: held-out classes, prompts, sample seeds, training."""
     vocabulary: VocabularyParams = VocabularyParams()
     prompts: PromptsParams = PromptsParams()
     generate: GenerateParams = GenerateParams()
