@@ -221,7 +221,10 @@ class Batch:
 
 
 def compute_loss(model, batch: Batch, params: TrainParams) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss = pixel loss + cf_weight x counterfactual loss; also the parts as floats."""
+    """Total loss = pixel loss + cf_weight x counterfactual loss; also the parts as floats.
+    A model with its own ``compute_loss(batch, params)`` (``clip``: focal + dice) uses it."""
+    if hasattr(model, "compute_loss"):
+        return model.compute_loss(batch, params)
     kind = params.cf_loss
     use_cf = params.cf_weight > 0
     b = batch.images.shape[0]
