@@ -452,6 +452,12 @@ def train(
     cf_loss, val_miou, val_pixel_acc (None without a validation split), num_params,
     seconds.
     """
+    # 0. The clip model and launches over several processes: the accelerate loop.
+    from magicseg.trainer import fit, launched_world_size
+
+    if params.model == "clip" or launched_world_size() > 1:
+        return fit(filter_dir, vocab_dir, params, seed, out_dir, live_dir, text_encoder)
+
     # 1. Inputs, checked before any work.
     t0 = time.perf_counter()
     vocab = Vocabulary.from_frame(read_manifest(vocab_dir))
