@@ -96,7 +96,9 @@ def augment(batch, crop: int, gen: torch.Generator, scale: tuple[float, float] =
         images.append(pair[0])
         cfs.append(pair[1])
         targets.append(t)
-    return Batch(torch.stack(images), torch.stack(cfs), batch.features, torch.stack(targets), batch.own)
+    return Batch(
+        torch.stack(images), torch.stack(cfs), batch.features, torch.stack(targets), batch.own
+    )
 
 
 def _slice(batch, rank: int, world: int):
@@ -282,9 +284,7 @@ def fit(
     model = build_model(params.model, cfg, encoder.dim)
     model.train()
     opt = make_optimizer(model, params)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, poly_lambda(params.steps, warmup_steps(params))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(params.steps, warmup_steps(params)))
     sampler = BatchSampler(train_data, text_features, vocab.trainable, params, seed)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + 17)
     out_dir = Path(out_dir)
@@ -303,9 +303,7 @@ def fit(
     # 4. The loop.
     val = {"val_miou": float("nan"), "val_pixel_acc": float("nan")}
     end = params.steps if stop_at is None else min(stop_at, params.steps)
-    bar = tqdm(
-        range(start, end), desc=f"train ({params.model})", disable=not acc.is_main_process
-    )
+    bar = tqdm(range(start, end), desc=f"train ({params.model})", disable=not acc.is_main_process)
     for step in bar:
         batch = sampler.next()
         if params.model == "clip":

@@ -119,7 +119,9 @@ class PromptedViT(nn.Module):
         self.vpt_tokens = vpt_tokens
         # VPT init: uniform(-v, v), v = sqrt(6 / (3 * patch^2 + C)) (Jia et al. 2022)
         v = math.sqrt(6.0 / (3 * self.patch**2 + self.width))
-        self.prompts = nn.Parameter(torch.empty(len(layers), vpt_tokens, self.width).uniform_(-v, v))
+        self.prompts = nn.Parameter(
+            torch.empty(len(layers), vpt_tokens, self.width).uniform_(-v, v)
+        )
         mean, std = CLIP_MEAN, CLIP_STD
         if not self.has_cls:  # SigLIP normalises to [-1, 1]
             mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
