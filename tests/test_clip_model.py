@@ -270,3 +270,14 @@ def test_two_cpu_processes_match_one(tmp_path, tiny_data, clip_text, clip_dir):
             # its rounding noise into lr-sized steps that differ with the reduction order
             x[d : 2 * d], y[d : 2 * d] = 0, 0
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fit_on_gpu_bf16(tmp_path, tiny_data, clip_text, clip_dir):
+    vocab_dir, filter_dir, _ = tiny_data
+    params = tiny_clip_params(clip_dir, steps=3, device="cuda")
+    history: list[float] = []
+    m = fit(filter_dir, vocab_dir, params, 0, tmp_path, None, clip_text, history=history)
+    assert m["steps"] == 3 and all(np.isfinite(history))
+    assert (tmp_path / "model.pt").is_file()

@@ -21,7 +21,17 @@ and adds what the paper's recipe needs:
    the trained parameters and buffers (frozen CLIP weights are rebuilt from their source),
    optimiser, scheduler, step, the sampler's and augmenter's RNG states and the loss window.
    A rerun with the same params continues where it stopped and gives the same loss sequence
-   as an uninterrupted run.
+   as an uninterrupted run. All processes must see ``out_dir`` (a shared filesystem across
+   nodes).
+
+Launch (one process per GPU; several nodes: the usual ``--num_machines``/``--machine_rank``/
+``--main_process_ip`` of ``accelerate launch``, or ``torchrun --nnodes``), e.g.
+
+    accelerate launch --num_processes 8 <the train stage command>
+    torchrun --nproc_per_node 2 ...          # CPU: gloo; the same code as one process
+
+Not done: SyncBatchNorm for the offline model (its BatchNorm statistics stay per rank, so its
+multi-process runs are close to, not equal to, one process), gradient accumulation.
 """
 
 from __future__ import annotations
@@ -252,10 +262,6 @@ def fit(
     vocab = Vocabulary.from_frame(read_manifest(vocab_dir))
     device = resolve_device(params.device)
     world = launched_world_size()
-    if params.batch_size % world:
-        raise ConfigError(
-            f"train.batch_size: {params.batch_size} is not divisible by the {world} processes"
-        )
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     acc = Accelerator(
@@ -271,9 +277,10 @@ def fit(
         is_val[:] = False
     train_data = data.subset(np.flatnonzero(~is_val))
     val_data = data.subset(np.flatnonzero(is_val))
-    if params.batch_size > len(train_data):
+    global_batch = min(params.batch_size, len(train_data))  # as the sampler clamps it
+    if global_batch % world:
         raise ConfigError(
-            f"train.batch_size: {params.batch_size} > {len(train_data)} training samples"
+            f"train.batch_size: {global_batch} images per step do not split over {world} processes"
         )
 
     # 2. Frozen text features of the whole vocabulary, once.
@@ -331,7 +338,9 @@ def fit(
             logs = {f"train/{k}": float(np.mean([w[k] for w in window])) for k in PARTS}
             logs["train/lr"] = sched.get_last_lr()[0]
             if len(val_data) and (done % params.val_every == 0 or last):
-                cm = validate(model, val_data, text_features, device)
+                # clip scores the whole vocabulary at full resolution: small batches
+                vb = 2 if params.model == "clip" else 64
+                cm = validate(model, val_data, text_features, device, batch_size=vb)
                 val = {
                     "val_miou": cm.miou(np.flatnonzero(cm.present()[1:]) + 1),
                     "val_pixel_acc": cm.pixel_accuracy(),
