@@ -281,3 +281,24 @@ def test_fit_on_gpu_bf16(tmp_path, tiny_data, clip_text, clip_dir):
     m = fit(filter_dir, vocab_dir, params, 0, tmp_path, None, clip_text, history=history)
     assert m["steps"] == 3 and all(np.isfinite(history))
     assert (tmp_path / "model.pt").is_file()
+
+
+def test_siglip_vision_tower_by_directory(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    cfg = SiglipVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    SiglipVisionModel(cfg).save_pretrained(tmp_path / "siglip")
+    config = {"model": str(tmp_path / "siglip"), "decoder_dim": 16, "decoder_heads": 2}
+    model = build_model("clip", config | {"vpt_tokens": 2}, 8)
+    assert {n for n, p in model.encoder.named_parameters() if p.requires_grad} == {"prompts"}
+    assert not model.encoder.has_cls
+    out = model(torch.rand(2, 3, 48, 32), torch.randn(3, 8))
+    assert out.logits.shape == (2, 4, 48, 32) and out.global_embedding.shape == (2, 32)

@@ -100,7 +100,7 @@ class PromptedViT(nn.Module):
     ``forward(images)`` (Bx3xHxW in [0, 1], H and W multiples of the patch size) returns
     (BxT global embedding, BxCxhxw patch features of the last layer). The global embedding is
     the post-LN CLS token through the visual projection (CLIP); for towers without a CLS token
-    (SigLIP) it is the mean of the post-LN patch tokens.
+    (SigLIP) the tower's attention-pooling head on the post-LN patch tokens (else their mean).
     """
 
     def __init__(self, source: str, vpt_tokens: int) -> None:
@@ -159,6 +159,8 @@ class PromptedViT(nn.Module):
         patches = post(x[:, lead + p :])
         if self.has_cls:
             glob = post(x[:, 0])
+        elif getattr(self.vision, "head", None) is not None:  # SigLIP attention pooling
+            glob = self.vision.head(patches)
         else:
             glob = patches.mean(1)
         if self.projection is not None:
