@@ -125,7 +125,7 @@ def main() -> None:
         print(f"{'vocab':>6} {'scored':>7} {'wall s':>8} {'cpu s':>8} {'cuda GiB':>9}")
         for v in [int(x) for x in args.vocab.split(",")]:
             res = {}
-            for k in (min(args.sampled, v), v):
+            for k in dict.fromkeys((min(args.sampled, v), v)):
                 batch = make_batch(b, k, cfg["size"], args.text_dim, device)
                 res[k] = time_steps(params, batch, args.steps, device)
                 w, c, g = res[k]

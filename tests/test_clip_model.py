@@ -302,3 +302,30 @@ def test_siglip_vision_tower_by_directory(tmp_path):
     assert not model.encoder.has_cls
     out = model(torch.rand(2, 3, 48, 32), torch.randn(3, 8))
     assert out.logits.shape == (2, 4, 48, 32) and out.global_embedding.shape == (2, 32)
+
+
+class _Crash(list):
+    """A history list that raises on its ``n``-th append (a run killed mid-way)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def append(self, x) -> None:
+        if len(self) + 1 == self.n:
+            raise KeyboardInterrupt
+        super().append(x)
+
+
+def test_killed_run_resumes_from_the_periodic_state(tmp_path, tiny_data, clip_text, clip_dir):
+    vocab_dir, filter_dir, _ = tiny_data
+    params = tiny_clip_params(clip_dir, steps=5)
+    full: list[float] = []
+    fit(filter_dir, vocab_dir, params, 0, tmp_path / "a", None, clip_text, history=full)
+    crash = _Crash(4)  # dies in step 4, after the state of step 2
+    with pytest.raises(KeyboardInterrupt):
+        fit(filter_dir, vocab_dir, params, 0, tmp_path / "b", None, clip_text, 2, history=crash)
+    assert torch.load(tmp_path / "b/state.pt", weights_only=False)["step"] == 2
+    rest: list[float] = []
+    fit(filter_dir, vocab_dir, params, 0, tmp_path / "b", None, clip_text, 2, history=rest)
+    assert crash == full[:3] and rest == full[2:]
