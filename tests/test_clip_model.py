@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -248,7 +249,9 @@ def test_two_cpu_processes_match_one(tmp_path, tiny_data, clip_text, clip_dir):
     one: list[float] = []
     fit(filter_dir, vocab_dir, params, 0, tmp_path / "one", None, clip_text, history=one)
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}", OMP_NUM_THREADS="1")
-    port = str(29500 + os.getpid() % 1000)
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_port", port, str(ROOT / "tests/clip_helpers.py"), str(filter_dir),
