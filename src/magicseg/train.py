@@ -221,7 +221,10 @@ class Batch:
 
 
 def compute_loss(model, batch: Batch, params: TrainParams) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss = pixel loss + cf_weight x counterfactual loss; also the parts as floats."""
+    """Total loss = pixel loss + cf_weight x counterfactual loss; also the parts as floats.
+    A model with its own ``compute_loss(batch, params)`` (``clip``: focal + dice) uses it."""
+    if hasattr(model, "compute_loss"):
+        return model.compute_loss(batch, params)
     kind = params.cf_loss
     use_cf = params.cf_weight > 0
     b = batch.images.shape[0]
@@ -449,6 +452,12 @@ def train(
     cf_loss, val_miou, val_pixel_acc (None without a validation split), num_params,
     seconds.
     """
+    # 0. The clip model and launches over several processes: the accelerate loop.
+    from magicseg.trainer import fit, launched_world_size
+
+    if params.model == "clip" or launched_world_size() > 1:
+        return fit(filter_dir, vocab_dir, params, seed, out_dir, live_dir, text_encoder)
+
     # 1. Inputs, checked before any work.
     t0 = time.perf_counter()
     vocab = Vocabulary.from_frame(read_manifest(vocab_dir))

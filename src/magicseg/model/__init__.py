@@ -33,6 +33,33 @@ def _offline(config: dict, text_dim: int):
     return OfflineSegmenter(cfg.width, cfg.depth, cfg.embed_dim, text_dim)
 
 
+@MODELS.register("clip")
+def _clip(config: dict, text_dim: int):
+    from magicseg.config import ClipModelParams
+    from magicseg.model.clip import ClipSegmenter
+
+    cfg = ClipModelParams.model_validate(config)
+    return ClipSegmenter(
+        cfg.model,
+        cfg.vpt_tokens,
+        cfg.decoder_layers,
+        cfg.decoder_heads,
+        cfg.decoder_dim,
+        text_dim,
+        cfg.focal_weight,
+        cfg.dice_weight,
+    )
+
+
+@TEXT_ENCODERS.register("clip")
+def _clip_text(config: dict | None = None) -> TextEncoder:
+    from magicseg.config import ClipModelParams
+    from magicseg.model.clip import TEMPLATES, ClipTextEncoder
+
+    cfg = ClipModelParams.model_validate(config or {})
+    return ClipTextEncoder(cfg.model, TEMPLATES[cfg.templates])
+
+
 @TEXT_ENCODERS.register("minilm")
 def _minilm(config: dict | None = None) -> TextEncoder:
     from magicseg.model.text import HFMeanPoolEncoder, minilm_path

@@ -1,0 +1,425 @@
+"""The paper's segmenter: a frozen CLIP ViT with deep visual prompts and a class-query decoder
+(config: :class:`magicseg.config.ClipModelParams`, ``train.model: clip``).
+
+Shapes (``P`` = prompt tokens, ``N = h*w`` patches, ``C`` = vision width, ``D`` = decoder_dim,
+``T`` = text dim = the CLIP joint dim, ``K`` = classes scored):
+
+    images Bx3xHxW in [0, 1] -> CLIP normalisation -> patch embeddings + (interpolated) positions
+      -> pre-LN -> for each of the L frozen layers: [CLS, prompts_l (P learnable), patches]
+         (deep VPT: layer l's prompt outputs are dropped and replaced by prompts_{l+1})
+      -> CLS (post-LN + visual projection): BxT global embedding, the CLIP image embedding
+      -> patches (post-LN) -> Linear C->D: BxNxD pixel features
+    class features BxKxT (the frozen CLIP text encoder) -> Linear T->D queries, a learnable
+      background query first: Bx(1+K)xD
+    decoder (``decoder_layers`` x pre-LN transformer decoder layer, ``decoder_heads`` heads):
+      queries self-attend, cross-attend to the pixel features; after every layer
+      mask logits = <MLP(LN(q)), pixel> / sqrt(D): Bx(1+K)xhxw (deep supervision)
+    logits (last layer) bilinearly upsampled to HxW; channel 0 = background.
+
+Loss (:meth:`ClipSegmenter.compute_loss`, called by the training loop): on every decoder layer,
+``focal_weight`` x sigmoid focal + ``dice_weight`` x dice over the (1+K) one-hot channels at
+stride 4, ignore pixels skipped; plus ``train.cf_weight`` x the counterfactual loss, the
+counterfactual passed through the same ViT in the same batch (see :func:`clip_loss`).
+Only the prompt tokens of the vision tower train; the rest of CLIP is frozen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from magicseg.errors import BackendError, ConfigError
+from magicseg.model.base import SegmenterOutput
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LOSS_STRIDE = 4
+"""The segmentation loss is computed at 1/4 of the input resolution (memory with K = 100)."""
+
+ZEGCLIP_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "a {} in the scene.",
+    "a photo of a {} in the scene.",
+    "There is a {} in the scene.",
+    "There is the {} in the scene.",
+    "This is a {} in the scene.",
+    "This is the {} in the scene.",
+    "This is one {} in the scene.",
+)
+TEMPLATES = {"zegclip15": ZEGCLIP_TEMPLATES, "single": ("a photo of a {}.",)}
+
+
+def _load(cls, source: str, key: str, **kwargs):
+    """``cls.from_pretrained(source)`` with a one-line BackendError naming ``key``."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # the report lists the other tower's keys as unexpected
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise BackendError(f"{key}: cannot load {source!r} ({str(err).splitlines()[0]})") from None
+    finally:
+        logging.set_verbosity(level)
+
+
+def load_vision_tower(source: str) -> tuple[nn.Module, nn.Module | None]:
+    """(vision transformer, visual projection or None) of a CLIP or SigLIP checkpoint (hub id
+    or directory). SigLIP has no CLS token and no projection: see :class:`PromptedViT`."""
+    from transformers import AutoConfig, AutoModel, CLIPVisionModelWithProjection
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = _load(AutoConfig, source, "train.clip.model")
+    if cfg.model_type in ("clip", "clip_vision_model"):
+        kw = {}
+        if cfg.model_type == "clip":  # the joint dim lives on the outer config
+            kw["config"] = cfg.vision_config
+            kw["config"].projection_dim = cfg.projection_dim
+        model = _load(CLIPVisionModelWithProjection, source, "train.clip.model", **kw)
+        return model.vision_model, model.visual_projection
+    model = _load(AutoModel, source, "train.clip.model")
+    vision = getattr(model, "vision_model", model)
+    return vision, getattr(model, "visual_projection", None)
+
+
+class PromptedViT(nn.Module):
+    """A frozen CLIP/SigLIP vision transformer with deep visual prompt tuning (VPT-deep).
+
+    ``forward(images)`` (Bx3xHxW in [0, 1], H and W multiples of the patch size) returns
+    (BxT global embedding, BxCxhxw patch features of the last layer). The global embedding is
+    the post-LN CLS token through the visual projection (CLIP); for towers without a CLS token
+    (SigLIP) the tower's attention-pooling head on the post-LN patch tokens (else their mean).
+    """
+
+    def __init__(self, source: str, vpt_tokens: int) -> None:
+        super().__init__()
+        vision, projection = load_vision_tower(source)
+        self.vision = vision
+        self.projection = projection
+        for p in self.parameters():
+            p.requires_grad_(False)
+        emb = vision.embeddings
+        self.has_cls = hasattr(emb, "class_embedding")
+        self.patch = int(vision.config.patch_size)
+        self.width = int(vision.config.hidden_size)
+        self.out_dim = int(projection.out_features) if projection is not None else self.width
+        layers = vision.encoder.layers
+        self.vpt_tokens = vpt_tokens
+        # VPT init: uniform(-v, v), v = sqrt(6 / (3 * patch^2 + C)) (Jia et al. 2022)
+        v = math.sqrt(6.0 / (3 * self.patch**2 + self.width))
+        self.prompts = nn.Parameter(
+            torch.empty(len(layers), vpt_tokens, self.width).uniform_(-v, v)
+        )
+        mean, std = CLIP_MEAN, CLIP_STD
+        if not self.has_cls:  # SigLIP normalises to [-1, 1]
+            mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> PromptedViT:
+        super().train(mode)
+        self.vision.eval()  # frozen: no dropout
+        return self
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = images.shape
+        if h % self.patch or w % self.patch:
+            raise ConfigError(f"clip: image {h}x{w} is not a multiple of the patch {self.patch}")
+        x = (images - self.mean) / self.std
+        # 1. Embeddings with position embeddings interpolated to this size.
+        x = self.vision.embeddings(x, interpolate_pos_encoding=True)
+        pre = getattr(self.vision, "pre_layrnorm", None)
+        if pre is not None:
+            x = pre(x)
+        lead = 1 if self.has_cls else 0
+        p = self.vpt_tokens
+        # 2. Frozen layers, fresh prompts at each (deep VPT).
+        for i, layer in enumerate(self.vision.encoder.layers):
+            prompts = self.prompts[i].to(x.dtype).unsqueeze(0).expand(b, -1, -1)
+            if i == 0:
+                x = torch.cat([x[:, :lead], prompts, x[:, lead:]], dim=1)
+            else:
+                x = torch.cat([x[:, :lead], prompts, x[:, lead + p :]], dim=1)
+            out = layer(x, None)
+            x = out[0] if isinstance(out, tuple) else out
+        # 3. Global embedding and patch features.
+        post = getattr(self.vision, "post_layernorm", None) or nn.Identity()
+        patches = post(x[:, lead + p :])
+        if self.has_cls:
+            glob = post(x[:, 0])
+        elif getattr(self.vision, "head", None) is not None:  # SigLIP attention pooling
+            glob = self.vision.head(patches)
+        else:
+            glob = patches.mean(1)
+        if self.projection is not None:
+            glob = self.projection(glob)
+        grid = patches.transpose(1, 2).reshape(b, self.width, h // self.patch, w // self.patch)
+        return glob, grid
+
+
+class ClipSegmenter(nn.Module):
+    """Prompted frozen CLIP ViT + class-query transformer decoder (see the module docstring)."""
+
+    def __init__(
+        self,
+        source: str,
+        vpt_tokens: int,
+        decoder_layers: int,
+        decoder_heads: int,
+        decoder_dim: int,
+        text_dim: int,
+        focal_weight: float = 100.0,
+        dice_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if decoder_dim % decoder_heads:
+            raise ConfigError(
+                f"train.clip.decoder_dim: {decoder_dim} is not divisible by "
+                f"decoder_heads {decoder_heads}"
+            )
+        self.text_dim = text_dim
+        self.focal_weight = focal_weight
+        self.dice_weight = dice_weight
+        self.encoder = PromptedViT(source, vpt_tokens)
+        d = decoder_dim
+        self.pixel_proj = nn.Sequential(nn.Linear(self.encoder.width, d), nn.LayerNorm(d))
+        self.text_proj = nn.Linear(text_dim, d)
+        self.background = nn.Parameter(torch.randn(d) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(
+                d, decoder_heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(decoder_layers)
+        )
+        self.mask_norm = nn.LayerNorm(d)
+        self.mask_embed = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+
+    def param_groups(self) -> list[dict]:
+        """Trainable parameters for the optimiser (all get the lr multiplier in the paper)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Bx3xHxW -> BxT global (CLS) embeddings, in CLIP's joint space."""
+        return self.encoder(self._pad(images)[0])[0]
+
+    def _pad(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        h, w = images.shape[-2:]
+        m = self.encoder.patch
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            images = F.pad(images, (0, pw, 0, ph), mode="replicate")
+        return images, h, w
+
+    def decode(
+        self, grid: torch.Tensor, class_features: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """BxCxhxw patch features, BxKxT class features -> (per-layer Bx(1+K)xhxw logits,
+        BxD mean pixel feature, BxKxT L2-normalised class features)."""
+        b, _, gh, gw = grid.shape
+        pixels = self.pixel_proj(grid.flatten(2).transpose(1, 2))  # BxNxD
+        d = pixels.shape[-1]
+        q = self.text_proj(class_features.to(pixels.dtype))
+        q = torch.cat([self.background.to(q.dtype).view(1, 1, d).expand(b, 1, d), q], dim=1)
+        logits = []
+        for layer in self.layers:
+            q = layer(q, pixels)
+            m = self.mask_embed(self.mask_norm(q))
+            logit = torch.einsum("bkd,bnd->bkn", m, pixels) / math.sqrt(d)
+            logits.append(logit.reshape(b, -1, gh, gw))
+        return logits, pixels.mean(1), F.normalize(class_features.float(), dim=-1)
+
+    def forward(self, images: torch.Tensor, class_features: torch.Tensor) -> SegmenterOutput:
+        """``images`` Bx3xHxW in [0, 1]; ``class_features`` KxT or BxKxT -> SegmenterOutput
+        with logits Bx(1+K)xHxW (channel 0 = background) and ``aux_logits`` (every decoder
+        layer's logits at patch resolution, last one included)."""
+        padded, h, w = self._pad(images)
+        b = images.shape[0]
+        if class_features.dim() == 2:
+            class_features = class_features.unsqueeze(0).expand(b, -1, -1)
+        glob, grid = self.encoder(padded)
+        aux, pixel_mean, classes = self.decode(grid, class_features)
+        logits = F.interpolate(
+            aux[-1].float(), size=padded.shape[-2:], mode="bilinear", align_corners=False
+        )[..., :h, :w]
+        out = SegmenterOutput(logits, glob.float(), pixel_mean.float(), classes)
+        out.aux_logits = aux  # type: ignore[attr-defined]
+        return out
+
+    def compute_loss(self, batch, params) -> tuple[torch.Tensor, dict[str, float]]:
+        return clip_loss(self, batch, params)
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------
+def _one_hot(target: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BxHxW target (``IGNORE`` < 0) -> (BxCxHxW float one-hot, BxHxW float valid)."""
+    valid = target >= 0
+    onehot = F.one_hot(target.clamp_min(0), channels).permute(0, 3, 1, 2).float()
+    return onehot * valid.unsqueeze(1), valid.float()
+
+
+def focal_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    focal_weight: float,
+    dice_weight: float,
+    gamma: float = 2.0,
+    alpha: float = 0.25,
+) -> torch.Tensor:
+    """``focal_weight`` x sigmoid focal + ``dice_weight`` x dice of Bx(1+K)xhxw logits against
+    a BxHxW target in the sampled index space (``IGNORE`` skipped).
+
+    The target is nearest-downsampled to 1/``LOSS_STRIDE`` and the logits bilinearly resized to
+    it. Both terms are per-image means (focal: summed over valid pixels and channels, divided
+    by pixels x channels; dice: mean over channels), then a mean over images, so the loss of a
+    batch is the mean of its halves' losses (what DDP's gradient averaging needs).
+    """
+    c = logits.shape[1]
+    h, w = target.shape[-2:]
+    size = (max(1, h // LOSS_STRIDE), max(1, w // LOSS_STRIDE))
+    tgt = F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    x = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    onehot, valid = _one_hot(tgt, c)
+    vmask = valid.unsqueeze(1)
+    # 1. Sigmoid focal loss (Lin et al.), per element.
+    p = x.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(x, onehot, reduction="none")
+    p_t = p * onehot + (1 - p) * (1 - onehot)
+    a_t = alpha * onehot + (1 - alpha) * (1 - onehot)
+    focal = (a_t * ce * (1 - p_t) ** gamma * vmask).sum(dim=(1, 2, 3)) / (c * size[0] * size[1])
+    # 2. Dice per (image, channel) over valid pixels.
+    pv = p * vmask
+    inter = (pv * onehot).sum(dim=(2, 3))
+    dice = 1 - (2 * inter + 1) / (pv.sum(dim=(2, 3)) + onehot.sum(dim=(2, 3)) + 1)
+    return (focal_weight * focal + dice_weight * dice.mean(1)).mean()
+
+
+def _deep_loss(aux: Sequence[torch.Tensor], target: torch.Tensor, model) -> torch.Tensor:
+    """Sum of :func:`focal_dice_loss` over every decoder layer (deep supervision)."""
+    return sum(focal_dice_loss(a, target, model.focal_weight, model.dice_weight) for a in aux)
+
+
+def clip_loss(model: ClipSegmenter, batch, params) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss of a :class:`magicseg.train.Batch` for the clip model.
+
+    The positive and (when ``cf_weight`` > 0) counterfactual images go through the prompted
+    ViT as one 2B batch. ``train.cf_loss`` maps as:
+
+    - ``hinge_head`` (the paper): mean max(0, cos(CLS_pos, CLS_cf)) of the projected CLS
+      embeddings; only the prompt tokens carry its gradient, not the decoder;
+    - ``hinge_pixels``: the same on the mean projected patch features;
+    - ``cf_background``: the counterfactual decoded against the positive's classes with an
+      all-background target;
+    - ``text_margin``: max(0, m - cos(CLS_pos, t) + cos(CLS_cf, t)), t = own class text
+      embeddings (CLIP's joint space: needs the CLIP text encoder).
+    """
+    from magicseg.train import hinge_cos, text_margin
+
+    use_cf = params.cf_weight > 0
+    kind = params.cf_loss
+    b = batch.images.shape[0]
+    images = torch.cat([batch.images, batch.cf_images]) if use_cf else batch.images
+    padded, _, _ = model._pad(images)
+    glob, grid = model.encoder(padded)
+    cf_loss = batch.images.new_zeros(())
+    if use_cf and kind == "cf_background":
+        feats = torch.cat([batch.features, batch.features])
+        aux, _, _ = model.decode(grid, feats)
+        pix = _deep_loss([a[:b] for a in aux], batch.target, model)
+        cf_loss = _deep_loss([a[b:] for a in aux], torch.zeros_like(batch.target), model)
+    else:
+        aux, pixel_mean, classes = model.decode(grid[:b], batch.features)
+        pix = _deep_loss(aux, batch.target, model)
+        if use_cf:
+            glob = glob.float()
+            if kind == "hinge_head":
+                cf_loss = hinge_cos(glob[:b], glob[b:])
+            elif kind == "hinge_pixels":
+                g_cf = model.pixel_proj(grid[b:].flatten(2).transpose(1, 2)).mean(1)
+                cf_loss = hinge_cos(pixel_mean.float(), g_cf.float())
+            elif kind == "text_margin":
+                if glob.shape[-1] != classes.shape[-1]:
+                    raise ConfigError(
+                        "train.cf_loss: text_margin needs class features in CLIP's joint space "
+                        f"({glob.shape[-1]}-d), got {classes.shape[-1]}-d"
+                    )
+                cf_loss = text_margin(glob[:b], glob[b:], classes, batch.own, params.cf_margin)
+            else:
+                raise ConfigError(f"train.cf_loss: unknown {kind!r}")
+    total = pix + params.cf_weight * cf_loss
+    return total, {"loss": total.item(), "pixel_loss": pix.item(), "cf_loss": cf_loss.item()}
+
+
+# --------------------------------------------------------------------------------------------
+# text
+# --------------------------------------------------------------------------------------------
+class ClipTextEncoder:
+    """The frozen CLIP (or SigLIP) text tower: a class embedding = the L2-normalised mean of
+    the normalised text embeddings of ``templates`` filled with the name; cached per name, so
+    a vocabulary is encoded once. ``dim`` = the joint (projection) dim."""
+
+    def __init__(
+        self, source: str, templates: Sequence[str] = ZEGCLIP_TEMPLATES, batch_size: int = 256
+    ) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection
+
+        cfg = _load(AutoConfig, source, "train.clip.model")
+        self.name = "clip"
+        self.is_clip = cfg.model_type == "clip"
+        self.tokenizer = _load(AutoTokenizer, source, "train.clip.model")
+        if self.is_clip:
+            text_cfg = cfg.text_config
+            text_cfg.projection_dim = cfg.projection_dim  # the joint dim lives on the outer one
+            self.model = _load(
+                CLIPTextModelWithProjection, source, "train.clip.model", config=text_cfg
+            )
+        else:
+            self.model = _load(AutoModel, source, "train.clip.model")
+        self.model.eval().requires_grad_(False)
+        self.templates = tuple(templates)
+        self.batch_size = batch_size
+        self.dim = int(self._embed(["x"]).shape[-1])
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> Nxdim L2-normalised joint-space text embeddings."""
+        if self.is_clip:
+            batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+            out = self.model(**batch).text_embeds
+        else:  # SigLIP was trained on max-length padding
+            batch = self.tokenizer(
+                texts, padding="max_length", truncation=True, return_tensors="pt"
+            )
+            out = self.model.get_text_features(**batch)
+            out = getattr(out, "pooler_output", out)
+        return F.normalize(out.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode(self, names: Sequence[str]) -> torch.Tensor:
+        """``len(names) x dim`` float32, L2-normalised template-averaged embeddings."""
+        todo = [n for n in dict.fromkeys(names) if n not in self._cache]
+        t = len(self.templates)
+        per = max(1, self.batch_size // t)
+        for start in range(0, len(todo), per):
+            chunk = todo[start : start + per]
+            texts = [tpl.format(n) for n in chunk for tpl in self.templates]
+            emb = self._embed(texts).view(len(chunk), t, -1).mean(1)
+            for n, v in zip(chunk, F.normalize(emb, dim=-1), strict=True):
+                self._cache[n] = v
+        if not names:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self._cache[n] for n in names])
