@@ -11,5 +11,7 @@ _, tail = rest.split("<!-- params-reference:end -->")
 table = "\n".join(
     ["| key | default (offline) | allowed | meaning |", "|---|---|---|---|", *params_reference()]
 )
-readme.write_text(f"{head}<!-- params-reference:start -->\n{table}\n<!-- params-reference:end -->{tail}")
+readme.write_text(
+    f"{head}<!-- params-reference:start -->\n{table}\n<!-- params-reference:end -->{tail}"
+)
 print("README.md params reference refreshed")

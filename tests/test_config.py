@@ -109,6 +109,8 @@ def test_readme_params_reference_is_current():
     from magicseg.config import params_reference
 
     readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- params-reference:start -->")[1].split("<!-- params-reference:end -->")[0]
+    block = readme.split("<!-- params-reference:start -->")[1].split(
+        "<!-- params-reference:end -->"
+    )[0]
     rows = [line for line in block.splitlines() if line.startswith("| `")]
     assert rows == params_reference(), "regenerate with: python scripts/readme_params.py"

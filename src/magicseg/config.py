@@ -247,7 +247,7 @@ class ClipModelParams(Section):
 class TrainParams(Section):
     model: Literal["offline", "clip"] = "offline"
     """Segmenter: `offline` (small U-Net + MiniLM) or `clip` (CLIP ViT with deep visual prompts)."""
-    steps: int = Field(600, ge=1)
+    steps: int = Field(1000, ge=1)
     """Optimiser steps."""
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -271,7 +271,7 @@ class TrainParams(Section):
     log_every: int = Field(25, ge=1)
     val_every: int = Field(100, ge=1)
     """Steps between validation mIoU measurements (and always after the last step)."""
-    num_threads: int = Field(1, ge=0)
+    num_threads: int = Field(0, ge=0)
     """torch CPU threads (0 = library default)."""
     offline: OfflineModelParams = OfflineModelParams()
     clip: ClipModelParams = ClipModelParams()
