@@ -133,6 +133,18 @@ def load_pairs(data_dir: str | Path, vocab: Vocabulary) -> PairData:
     return PairData(ids, np.stack(images), np.stack(cfs), np.stack(masks), classes)
 
 
+def load_split(
+    data_dir: str | Path, vocab: Vocabulary, val_fraction: float
+) -> tuple[PairData, PairData]:
+    """The filtered pairs of ``data_dir`` as (train, validation), split by :func:`split_ids`;
+    everything trains when the split would leave no training sample."""
+    data = load_pairs(data_dir, vocab)
+    is_val = split_ids(data.ids, val_fraction)
+    if is_val.all():
+        is_val[:] = False
+    return data.subset(np.flatnonzero(~is_val)), data.subset(np.flatnonzero(is_val))
+
+
 def split_ids(ids: Sequence[str], val_fraction: float) -> np.ndarray:
     """Boolean mask of validation samples: a stable hash of each id (independent of order,
     seed and the other samples), so a sample stays on its side when the data grows."""
@@ -466,12 +478,7 @@ def train(
         torch.set_num_threads(params.num_threads)
     cfg = model_config(params)
     encoder = text_encoder or build_text_encoder(text_encoder_name(params.model, cfg), cfg)
-    data = load_pairs(filter_dir, vocab)
-    is_val = split_ids(data.ids, params.val_fraction)
-    if is_val.all():
-        is_val[:] = False
-    train_data = data.subset(np.flatnonzero(~is_val))
-    val_data = data.subset(np.flatnonzero(is_val))
+    train_data, val_data = load_split(filter_dir, vocab, params.val_fraction)
 
     # 2. Frozen text features of the whole vocabulary, once.
     text_features = encoder.encode(list(vocab.names)).float()
@@ -540,7 +547,7 @@ def train(
         encoder.name,
         list(vocab.names),
         sorted(vocab.holdout),
-        data.images.shape[1:3],
+        train_data.images.shape[1:3],
         meta={"train": params_to_dict(params), "seed": seed, "metrics": metrics},
     )
     return metrics

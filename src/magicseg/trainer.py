@@ -251,11 +251,10 @@ def fit(
     from magicseg.train import (
         CHECKPOINT,
         BatchSampler,
-        load_pairs,
+        load_split,
         make_logger,
         model_config,
         resolve_device,
-        split_ids,
         validate,
     )
 
@@ -273,12 +272,7 @@ def fit(
     device = acc.device
     cfg = model_config(params)
     encoder = text_encoder or build_text_encoder(_text_encoder_name(params.model, cfg), cfg)
-    data = load_pairs(filter_dir, vocab)
-    is_val = split_ids(data.ids, params.val_fraction)
-    if is_val.all():
-        is_val[:] = False
-    train_data = data.subset(np.flatnonzero(~is_val))
-    val_data = data.subset(np.flatnonzero(is_val))
+    train_data, val_data = load_split(filter_dir, vocab, params.val_fraction)
     global_batch = min(params.batch_size, len(train_data))  # as the sampler clamps it
     if global_batch % world:
         raise ConfigError(
@@ -376,7 +370,7 @@ def fit(
             encoder.name,
             list(vocab.names),
             sorted(vocab.holdout),
-            data.images.shape[1:3],
+            train_data.images.shape[1:3],
             meta={"train": params_to_dict(params), "seed": seed, "metrics": metrics},
         )
     acc.wait_for_everyone()
