@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from magicseg.config import DiffusersGeneratorParams, GenerateParams  # noqa: E402
+from magicseg.core.config import DiffusersGeneratorParams, GenerateParams  # noqa: E402
+from magicseg.core.devices import resolve_dtype  # noqa: E402
 from magicseg.generate.base import PromptRecord  # noqa: E402
-from magicseg.generate.diffusers_backend import DiffusersPairGenerator, resolve_dtype  # noqa: E402
+from magicseg.generate.diffusers_backend import DiffusersPairGenerator  # noqa: E402
 
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 """Dense bf16/fp16 tensor-core peak (TFLOP/s) by device-name substring (SXM figures)."""
@@ -226,7 +227,7 @@ def main() -> None:
     args.repeats = args.repeats or 3
 
     def params(**kw) -> GenerateParams:
-        opts = dict(model="<in-memory>", scheduler=args.scheduler, steps=args.steps,
+        opts = dict(checkpoint="<in-memory>", scheduler=args.scheduler, steps=args.steps,
                     guidance=args.guidance, device=args.device) | kw  # fmt: skip
         return GenerateParams(
             backend="diffusers",
@@ -237,7 +238,7 @@ def main() -> None:
         )
 
     # 2. One random-init pipeline per dtype; "ours" default and the naive loop share it.
-    dtype = resolve_dtype("auto", device)
+    dtype = resolve_dtype("auto", device, "--dtype")
     t0 = time.perf_counter()
     pipe = build_pipeline(args.arch, args.size, dtype, device)
     n_unet = sum(p.numel() for p in pipe.unet.parameters()) / 1e6

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from magicseg.config import TrainParams
+from magicseg.core.config import TrainParams
 from magicseg.model import build_model
 from magicseg.train import Batch, compute_loss, model_config
 from magicseg.trainer import make_optimizer
@@ -106,13 +106,13 @@ def main() -> None:
         src = write_vision_tower(Path(tmp) / "vit", cfg, args.text_dim)
         params = TrainParams.model_validate(
             {
-                "model": "clip",
+                "architecture": "clip",
                 "cf_weight": 1.0,
                 "cf_loss": "hinge_head",
                 "lr": 2e-5,
                 "weight_decay": 0.01,
                 "clip": {
-                    "model": str(src),
+                    "checkpoint": str(src),
                     "decoder_dim": cfg["decoder"],
                     "crop": cfg["size"],
                 },

@@ -23,18 +23,23 @@ import stages.vocabulary as vocabulary_stage
 import yaml
 from tests.scaleout_helpers import ROOT, digest, make_inputs, run_stage
 
-from magicseg import io as mio
 from magicseg.batching import batched_with_oom_retry
-from magicseg.config import FilterParams, GenerateParams, LabelParams, ProceduralGeneratorParams
+from magicseg.core import io as mio
+from magicseg.core.config import (
+    FilterParams,
+    GenerateParams,
+    LabelParams,
+    ProceduralGeneratorParams,
+)
+from magicseg.core.io import read_manifest
+from magicseg.core.stage import user_errors
 from magicseg.filter import reasons_for
 from magicseg.generate import run_generate
 from magicseg.generate.procedural import ProceduralGenerator
 from magicseg.hub import check_model_source
-from magicseg.io import read_manifest
 from magicseg.label import LABELERS, run_label
 from magicseg.label.base import LabelResult
 from magicseg.samplecache import SampleCache, iter_keys
-from magicseg.stage import user_errors
 
 N = 48
 
@@ -107,6 +112,11 @@ def _edit_prompts(tmp: Path, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> No
 # --------------------------------------------------------------------------------------------
 def params_unknown_key(t):
     _params(t, "generate", {"batchsize": 8})
+    return _gen(t)
+
+
+def params_renamed_key(t):
+    _params(t, "train", {"model": "clip"})
     return _gen(t)
 
 
@@ -192,11 +202,13 @@ def labeler_mask_wrong_size(t):
 
 
 def model_path_missing(t):
-    return lambda: check_model_source(str(t / "models" / "sd15"), "generate.diffusers.model")
+    return lambda: check_model_source(str(t / "models" / "sd15"), "generate.diffusers.checkpoint")
 
 
 def hub_id_offline_not_cached(t):
-    return lambda: check_model_source("nobody/no-such-model-xyz", "label.grounded_sam.detector")
+    return lambda: check_model_source(
+        "nobody/no-such-model-xyz", "label.grounded_sam.detector_checkpoint"
+    )
 
 
 def hub_unreachable(t, monkeypatch=None):
@@ -206,7 +218,7 @@ def hub_unreachable(t, monkeypatch=None):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     return lambda: check_model_source(
-        "nobody/no-such-model-xyz", "generate.diffusers.model", False, "http://127.0.0.1:9"
+        "nobody/no-such-model-xyz", "generate.diffusers.checkpoint", False, "http://127.0.0.1:9"
     )
 
 
@@ -254,6 +266,7 @@ def _fill_disk_after(monkeypatch, n: int) -> None:
 
 FATAL = [
     (params_unknown_key, "generate.batchsize: unknown key (allowed: backend, batch_size"),
+    (params_renamed_key, "params.yaml: train.model: renamed to train.architecture"),
     (params_wrong_type, "generate.height: Input should be a valid integer"),
     (params_out_of_range, "label.difference.threshold: Input should be less than 1"),
     (params_not_yaml, "params.yaml: not valid YAML"),
@@ -267,7 +280,7 @@ FATAL = [
     (input_manifest_missing, "empty/manifest.parquet: manifest not found"),
     (every_image_unreadable, "label: none of the 12 pairs"),
     (labeler_mask_wrong_size, "labeler 'bad_size' returned a 8x8 mask for the 64x64 image"),
-    (model_path_missing, "generate.diffusers.model: "),
+    (model_path_missing, "generate.diffusers.checkpoint: "),
     (hub_id_offline_not_cached, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
     (
         hub_unreachable,

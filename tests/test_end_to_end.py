@@ -28,7 +28,7 @@ MINI = {
         "val_every": 2,
         "offline": {"width": 8, "depth": 2, "embed_dim": 16},
     },
-    "evaluate": {"test_samples": 8, "gallery": 2},
+    "evaluate": {"test_samples": 8, "gallery_samples": 2},
 }
 
 

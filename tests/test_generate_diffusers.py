@@ -16,8 +16,10 @@ pytest.importorskip("diffusers")
 
 from tests.tiny_models import tiny_sd_pipeline_dir  # noqa: E402
 
-from magicseg.config import DiffusersGeneratorParams, GenerateParams, parse_params  # noqa: E402
-from magicseg.errors import BackendError, ConfigError, DataError  # noqa: E402
+from magicseg.core.config import DiffusersGeneratorParams, GenerateParams, parse_params  # noqa: E402
+from magicseg.core.devices import resolve_dtype  # noqa: E402
+from magicseg.core.errors import BackendError, ConfigError, DataError  # noqa: E402
+from magicseg.core.io import read_image, read_manifest, write_manifest  # noqa: E402
 from magicseg.generate import build_generator, run_generate  # noqa: E402
 from magicseg.generate.base import PromptRecord  # noqa: E402
 from magicseg.generate.diffusers_backend import (  # noqa: E402
@@ -26,9 +28,7 @@ from magicseg.generate.diffusers_backend import (  # noqa: E402
     inpaint_counterfactual,
     load_inpaint_pipeline,
     load_pipeline,
-    resolve_dtype,
 )
-from magicseg.io import read_image, read_manifest, write_manifest  # noqa: E402
 
 SIZE = 16  # tiny VAE factor 2 -> 8x8 latents
 
@@ -39,7 +39,7 @@ def model_dir(tmp_path_factory):
 
 
 def make_params(model_dir, batch_size: int = 4, **diffusers) -> GenerateParams:
-    opts = {"model": str(model_dir), "steps": 3, "device": "cpu", "guidance": 5.0} | diffusers
+    opts = {"checkpoint": str(model_dir), "steps": 3, "device": "cpu", "guidance": 5.0} | diffusers
     return GenerateParams(
         backend="diffusers",
         height=SIZE,
@@ -233,13 +233,13 @@ def test_unknown_hub_id_offline_says_how_to_fetch(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_requested_but_absent(model_dir):
-    with pytest.raises(ConfigError, match="CUDA is not available"):
+    with pytest.raises(BackendError, match="CUDA is not available"):
         DiffusersPairGenerator(make_params(model_dir, device="cuda"))
 
 
 def test_bad_dtype_size_and_records(model_dir):
-    with pytest.raises(ConfigError, match="float16 is not supported on the CPU"):
-        resolve_dtype("float16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="generate.diffusers.dtype: float16 is not supported"):
+        resolve_dtype("float16", torch.device("cpu"), "generate.diffusers.dtype")
     with pytest.raises(ConfigError, match="generate.height: must be a multiple of 8"):
         parse_params({"generate": {"backend": "diffusers", "height": 100}})
     gen = DiffusersPairGenerator(make_params(model_dir))
@@ -249,7 +249,7 @@ def test_bad_dtype_size_and_records(model_dir):
 
 
 def test_load_pipeline_sets_scheduler(model_dir):
-    opts = DiffusersGeneratorParams(model=str(model_dir), scheduler="unipc")
+    opts = DiffusersGeneratorParams(checkpoint=str(model_dir), scheduler="unipc")
     pipe = load_pipeline(opts, torch.device("cpu"), torch.float32)
     assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
     assert pipe.safety_checker is None

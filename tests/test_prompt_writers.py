@@ -15,16 +15,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from magicseg.config import OpenAIWriterParams, PromptsParams, TransformersWriterParams
-from magicseg.errors import BackendError, DataError
-from magicseg.io import read_json, read_manifest
-from magicseg.prompts import WRITERS, build_writer, run_prompts
+from magicseg.core.config import OpenAIWriterParams, PromptsParams, TransformersWriterParams
+from magicseg.core.errors import BackendError, DataError
+from magicseg.core.io import read_json, read_manifest
+from magicseg.core.seeding import derive_seed
+from magicseg.core.vocabulary import Vocabulary
 from magicseg.prompts.base import PromptRequest
 from magicseg.prompts.cache import ResponseCache, cache_key
 from magicseg.prompts.counterfactual import make_counterfactual, mentions
 from magicseg.prompts.parsing import parse_descriptions, parse_rewrite, request_messages
-from magicseg.seeding import derive_seed
-from magicseg.vocabulary import Vocabulary
+from magicseg.prompts.stage import WRITERS, build_writer, run_prompts
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 KEY_ENV = "MAGICSEG_TEST_KEY"
@@ -253,7 +253,7 @@ def key_env(monkeypatch):
 
 
 def oparams(server: ChatServer | None = None, **kw) -> OpenAIWriterParams:
-    base = {"model": "tiny-chat", "api_key_env": KEY_ENV, "max_retries": 3, "timeout_s": 5.0}
+    base = {"llm": "tiny-chat", "api_key_env": KEY_ENV, "max_retries": 3, "timeout_s": 5.0}
     if server is not None:
         base["base_url"] = server.base_url
     return OpenAIWriterParams(**(base | kw))
@@ -473,7 +473,7 @@ def test_run_prompts_resumes_after_crash(tmp_path, key_env):
     # 1. The server answers the first chunk (4 requests), then fails hard, except for the
     # second request of the next chunk, which is slow and still in flight when the first one
     # has failed for good: the stage dies with 5 answers cached.
-    slow_ok = derive_seed(3, 5) % 2**31
+    slow_ok = derive_seed(3, "prompts.request", 5) % 2**31
 
     def script(i, body):
         if i < 4:
@@ -587,7 +587,7 @@ def tiny_lm(tmp_path_factory) -> Path:
 def twriter(tiny_lm, cache_dir, **kw):
     from magicseg.prompts.transformers_writer import TransformersWriter
 
-    params = TransformersWriterParams(**({"model": str(tiny_lm), "max_new_tokens": 20} | kw))
+    params = TransformersWriterParams(**({"checkpoint": str(tiny_lm), "max_new_tokens": 20} | kw))
     return TransformersWriter(params, cache_dir=cache_dir)
 
 
@@ -652,7 +652,9 @@ def test_transformers_cache_needs_no_model(tiny_lm, tmp_path):
 
 
 def test_transformers_clear_errors(tiny_lm, tmp_path):
-    with pytest.raises(BackendError, match="prompts.transformers.model: .*missing does not exist"):
+    with pytest.raises(
+        BackendError, match="prompts.transformers.checkpoint: .*missing does not exist"
+    ):
         twriter(tmp_path / "missing", tmp_path / "c").write(REQS)
     from transformers import AutoTokenizer
 
@@ -726,7 +728,9 @@ def test_run_prompts_transformers_live_and_cached_identical(wordy_lm, tmp_path):
         requests=6,
         per_request=2,
         two_class_fraction=0.3,
-        transformers=TransformersWriterParams(model=str(wordy_lm), max_new_tokens=24, batch_size=4),
+        transformers=TransformersWriterParams(
+            checkpoint=str(wordy_lm), max_new_tokens=24, batch_size=4
+        ),
     )
     live = stage(params, tmp_path, "live")
     stage(params, tmp_path, "cached")

@@ -1,6 +1,6 @@
 """The ``magicseg`` command line: ``predict`` with a trained checkpoint, ``info`` on this setup.
 
-User errors (:class:`magicseg.errors.MagicsegError`) print one line and exit with status 2.
+User errors (:class:`magicseg.core.errors.MagicsegError`) print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from magicseg.errors import ConfigError
-from magicseg.stage import user_errors
+from magicseg.core.errors import ConfigError
+from magicseg.core.stage import user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -44,13 +44,12 @@ def predict(
     background, k = the k-th class of --classes) and <name>.overlay.png (with a legend;
     images under 256 px are enlarged there)."""
     import numpy as np
-    import torch
 
-    from magicseg.inference import SlidingPredictor, expand_inputs
-    from magicseg.io import read_image, write_image, write_mask
+    from magicseg.core.devices import resolve_device
+    from magicseg.core.io import read_image, write_mask
+    from magicseg.inference import Predictor, SlidingPredictor, expand_inputs
     from magicseg.model import load_checkpoint
-    from magicseg.model.predictor import Predictor
-    from magicseg.viz import legend, overlay, palette, stack_vertical, upscale
+    from magicseg.viz import class_legend, overlay, palette, upscale, write_gallery
 
     # 1. Check the inputs before loading anything heavy.
     names = [c.strip() for c in classes.split(",") if c.strip()]
@@ -64,9 +63,8 @@ def predict(
     paths = expand_inputs(images)
 
     # 2. Model and class embeddings.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     predictor = SlidingPredictor(
-        Predictor(load_checkpoint(checkpoint), device=device),
+        Predictor(load_checkpoint(checkpoint), device=resolve_device("auto", "predict")),
         short_side,
         window,
         stride,
@@ -81,10 +79,10 @@ def predict(
         image = read_image(path)
         mask = predictor(image)[0].cpu().numpy()
         write_mask(out / f"{path.stem}.mask.png", mask, len(names))
-        present = [int(c) for c in np.unique(mask) if c > 0]
         shown = upscale(overlay(image, mask, colours), max(1, 256 // max(image.shape[:2])))
-        key = legend([names[c - 1] for c in present], [colours[c] for c in present], shown.shape[1])
-        write_image(out / f"{path.stem}.overlay.png", stack_vertical(shown, key))
+        key = class_legend([mask], names, colours)
+        write_gallery(out / f"{path.stem}.overlay.png", [[shown]], legend_items=key)
+        present = [int(c) for c in np.unique(mask) if c > 0]
         areas = {names[c - 1]: round(float((mask == c).mean()), 4) for c in present}
         typer.echo(f"{path}: {json.dumps(areas)}")
 
@@ -99,11 +97,11 @@ def info(
     """The profile in params.yaml (if present), the registered backends, and which models can
     run offline here."""
     import magicseg
-    from magicseg.config import load_params
+    from magicseg.core.config import load_params
     from magicseg.generate import GENERATORS
     from magicseg.label import LABELERS
     from magicseg.model import MODELS, TEXT_ENCODERS, available_offline
-    from magicseg.prompts import WRITERS
+    from magicseg.prompts.stage import WRITERS
 
     typer.echo(f"magicseg {magicseg.__version__}")
     if params.is_file():
@@ -111,7 +109,7 @@ def info(
         typer.echo(
             f"profile: {p.profile} ({params}): vocabulary={p.vocabulary.source}, "
             f"prompts={p.prompts.writer}, generate={p.generate.backend}, "
-            f"label={p.label.backend}, train={p.train.model}"
+            f"label={p.label.backend}, train={p.train.architecture}"
         )
     else:
         typer.echo(f"profile: none ({params} not found)")
@@ -139,7 +137,7 @@ def export(
     fmt: str = typer.Option("coco", "--format", help="export format (coco)"),
 ) -> None:
     """Export the kept dataset for other toolkits (COCO JSON with RLE masks)."""
-    from magicseg.errors import ConfigError
+    from magicseg.core.errors import ConfigError
     from magicseg.export import export_coco
 
     if fmt != "coco":

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from magicseg.errors import BackendError, DataError
-from magicseg.io import ignore_index, read_manifest, read_mask, write_json
-from magicseg.vocabulary import Vocabulary
+from magicseg.core.errors import BackendError, DataError
+from magicseg.core.io import ignore_index, read_manifest, read_mask, write_json
+from magicseg.core.stage import load_vocabulary
 
 
 def mask_annotations(mask: np.ndarray, image_id: int, first_id: int, ignore: int) -> list[dict]:
@@ -55,7 +55,7 @@ def export_coco(filter_dir: str | Path, vocab_dir: str | Path, out_json: str | P
         ) from None
     filter_dir, out_json = Path(filter_dir), Path(out_json)
     frame = read_manifest(filter_dir)
-    vocab = Vocabulary.from_frame(read_manifest(vocab_dir))
+    vocab = load_vocabulary(vocab_dir)
     ignore = ignore_index(len(vocab))
     rel = os.path.relpath(filter_dir, out_json.parent)
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from magicseg import distributed, io
+from magicseg import distributed
 from magicseg.batching import batched_with_oom_retry
-from magicseg.config import GenerateParams
-from magicseg.errors import DataError
+from magicseg.core import io
+from magicseg.core.config import GenerateParams
+from magicseg.core.errors import DataError
+from magicseg.core.io import mask_dtype, read_manifest, write_image, write_manifest, write_mask
+from magicseg.core.registry import Registry
 from magicseg.generate.base import Pair, PairGenerator, PromptRecord
-from magicseg.io import mask_dtype, read_manifest, write_image, write_manifest, write_mask
-from magicseg.registry import Registry
 from magicseg.samplecache import (
     DISK_FULL,
     SampleCache,

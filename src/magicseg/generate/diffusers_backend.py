@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from magicseg.config import DiffusersGeneratorParams, GenerateParams
-from magicseg.errors import BackendError, ConfigError, DataError
+from magicseg.core.config import DiffusersGeneratorParams, GenerateParams
+from magicseg.core.devices import resolve_device, resolve_dtype
+from magicseg.core.errors import BackendError, ConfigError, DataError
 from magicseg.generate.base import Pair, PromptRecord
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -58,50 +59,8 @@ pairs through the UNet is slower than the naive loop on a 2-core CPU for a reali
 
 
 # --------------------------------------------------------------------------------------------
-# resolving params -> device, dtype, model source (cheap; no weights loaded)
+# resolving the model source (cheap; no weights loaded)
 # --------------------------------------------------------------------------------------------
-def resolve_device(device: str):
-    """``auto`` -> ``cuda`` when available, else ``cpu``. CUDA asked for but absent is an error."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(
-            f"generate.diffusers.device: not a torch device {device!r} (use auto, cpu, cuda, cuda:N)"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"generate.diffusers.device: {device!r} requested but CUDA is not available here "
-            "(torch.cuda.is_available() is False); use device: cpu or auto"
-        )
-    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise ConfigError(f"generate.diffusers.device: unsupported device type {dev.type!r}")
-    return dev
-
-
-def resolve_dtype(dtype: str, device):
-    """``auto`` -> bf16 on CUDA (fp16 where bf16 is missing), float32 on a CPU.
-
-    On the CPU bf16 is allowed but not the default (``benchmarks/generate.py`` measures it);
-    fp16 on a CPU is refused (slow or unsupported kernels).
-    """
-    import torch
-
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype == "float16" and device.type == "cpu":
-        raise ConfigError(
-            "generate.diffusers.dtype: float16 is not supported on the CPU; "
-            "use float32, bfloat16 or auto"
-        )
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 def _hub_offline() -> bool:
     try:
         from huggingface_hub import constants
@@ -113,7 +72,7 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def resolve_model_source(model: str, key: str = "generate.diffusers.model") -> str:
+def resolve_model_source(model: str, key: str = "generate.diffusers.checkpoint") -> str:
     """A local pipeline directory or a hub id that can be loaded here, else a clear error.
 
     Local directories must hold ``model_index.json`` (a ``save_pretrained`` pipeline). A hub id
@@ -172,8 +131,8 @@ def load_pipeline(
     import diffusers
     from diffusers import AutoPipelineForInpainting, AutoPipelineForText2Image
 
-    key = "generate.diffusers.inpaint_model" if inpaint else "generate.diffusers.model"
-    source = resolve_model_source(model or opts.model, key)
+    key = "generate.diffusers.inpaint_checkpoint" if inpaint else "generate.diffusers.checkpoint"
+    source = resolve_model_source(model or opts.checkpoint, key)
     auto = AutoPipelineForInpainting if inpaint else AutoPipelineForText2Image
     # diffusers >= 0.42 renamed torch_dtype -> dtype (the old name warns)
     new_api = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42)
@@ -186,7 +145,7 @@ def load_pipeline(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackendError(
             f"{key}: cannot load {source!r} ({first}); give a hub id (e.g. "
-            "runwayml/stable-diffusion-v1-5) or a local diffusers pipeline directory"
+            "stable-diffusion-v1-5/stable-diffusion-v1-5) or a local diffusers pipeline directory"
         ) from None
     prepare_pipeline(pipe, opts, device)
     return pipe
@@ -198,7 +157,7 @@ def prepare_pipeline(pipe, opts: DiffusersGeneratorParams, device) -> None:
 
     if getattr(pipe, "unet", None) is None:
         raise BackendError(
-            f"generate.diffusers.model: {type(pipe).__name__} has no UNet; only UNet-based "
+            f"generate.diffusers.checkpoint: {type(pipe).__name__} has no UNet; only UNet-based "
             "pipelines (SD 1.x/2.x, SDXL, SD-Turbo) are supported"
         )
     set_scheduler(pipe, opts.scheduler)
@@ -250,8 +209,8 @@ class DiffusersPairGenerator:
         # 1. Cheap checks first: device, dtype, size, model source (no weights loaded yet).
         self.params = params
         self.opts = params.diffusers
-        self.device = resolve_device(self.opts.device)
-        self.dtype = resolve_dtype(self.opts.dtype, self.device)
+        self.device = resolve_device(self.opts.device, "generate.diffusers.device")
+        self.dtype = resolve_dtype(self.opts.dtype, self.device, "generate.diffusers.dtype")
         for key in ("height", "width"):
             if getattr(params, key) % 8:
                 raise ConfigError(
@@ -259,7 +218,7 @@ class DiffusersPairGenerator:
                     f"(got {getattr(params, key)})"
                 )
         if pipeline is None:
-            resolve_model_source(self.opts.model)
+            resolve_model_source(self.opts.checkpoint)
         else:
             prepare_pipeline(pipeline, self.opts, self.device)
         self._pipe = pipeline
@@ -361,7 +320,7 @@ class DiffusersPairGenerator:
         """Backend facts shared by every pair (JSON-serialisable)."""
         pipe = self.pipe
         return {
-            "model": self.opts.model,
+            "model": self.opts.checkpoint,
             "pipeline": type(pipe).__name__,
             "scheduler": type(pipe.scheduler).__name__,
             "steps": self.opts.steps,
@@ -398,13 +357,13 @@ def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def load_inpaint_pipeline(opts: DiffusersGeneratorParams, device, dtype, text2img=None):
-    """The inpainting pipeline: ``opts.inpaint_model`` when set (a dedicated 9-channel
+    """The inpainting pipeline: ``opts.inpaint_checkpoint`` when set (a dedicated 9-channel
     inpainting checkpoint repaints best), else the text-to-image pipeline's own components
     (``AutoPipelineForInpainting.from_pipe``: no extra memory, latent blending at each step)."""
     from diffusers import AutoPipelineForInpainting
 
-    if opts.inpaint_model:
-        return load_pipeline(opts, device, dtype, model=opts.inpaint_model, inpaint=True)
+    if opts.inpaint_checkpoint:
+        return load_pipeline(opts, device, dtype, model=opts.inpaint_checkpoint, inpaint=True)
     if text2img is None:
         text2img = load_pipeline(opts, device, dtype)
     pipe = AutoPipelineForInpainting.from_pipe(text2img)
@@ -435,7 +394,7 @@ def inpaint_counterfactual(
 
     A stage after ``label`` (``counterfactual_mode: inpaint``) would do, per manifest row::
 
-        pipe = load_inpaint_pipeline(opts, resolve_device(opts.device), dtype)  # once
+        pipe = load_inpaint_pipeline(opts, device, dtype)  # once
         cf, region = inpaint_counterfactual(pipe, read_image(gen / row.image),
                                             read_mask(lab / row.mask) > 0, row.cf_prompt,
                                             row.seed, dilate=opts.inpaint_dilate,

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from magicseg.config import DifferenceLabelerParams, GroundedSamParams
-from magicseg.errors import BackendError
+from magicseg.core.config import DifferenceLabelerParams, GroundedSamParams
+from magicseg.core.devices import resolve_device, resolve_dtype
+from magicseg.core.errors import BackendError
 from magicseg.label.base import LabelInput, LabelResult
 from magicseg.label.difference import difference_foreground
 
@@ -287,30 +288,6 @@ def segmenter_pixels(
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendError(
-            f"label.grounded_sam.device: {device!r} requested but CUDA is unavailable"
-        )
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype == "float16" and device == "cpu":
-        raise BackendError("label.grounded_sam.dtype: float16 is not supported on the CPU")
-    return getattr(torch, dtype)
-
-
 def _check_source(key: str, source: str, expected: Sequence[str]) -> str:
     """The model_type of a hub id or local directory; BackendError naming ``key`` otherwise."""
     from transformers import AutoConfig
@@ -347,8 +324,8 @@ def load_models(params: GroundedSamParams, device: str, dtype: torch.dtype) -> t
     """(detector, detector processor, segmenter, segmenter processor), eval mode on device."""
     from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel
 
-    det_src = _check_source("detector", params.detector, DETECTOR_TYPES)
-    seg_src = _check_source("segmenter", params.segmenter, SEGMENTER_TYPES)
+    det_src = _check_source("detector_checkpoint", params.detector_checkpoint, DETECTOR_TYPES)
+    seg_src = _check_source("sam_checkpoint", params.sam_checkpoint, SEGMENTER_TYPES)
     try:
         det = GroundingDinoForObjectDetection.from_pretrained(det_src, dtype=dtype)
         det_proc = AutoProcessor.from_pretrained(det_src)
@@ -381,8 +358,8 @@ class GroundedSamLabeler:
 
         self.params = params
         self.difference = difference or DifferenceLabelerParams()
-        self.device = resolve_device(params.device)
-        self.dtype = resolve_dtype(params.dtype, self.device)
+        self.device = str(resolve_device(params.device, "label.grounded_sam.device"))
+        self.dtype = resolve_dtype(params.dtype, self.device, "label.grounded_sam.dtype")
         if models is None:
             models = load_models(params, self.device, self.dtype)
         self.detector, self.det_proc, self.segmenter, self.seg_proc = models

@@ -1,5 +1,5 @@
 """The paper's segmenter: a frozen CLIP ViT with deep visual prompts and a class-query decoder
-(config: :class:`magicseg.config.ClipModelParams`, ``train.model: clip``).
+(config: :class:`magicseg.core.config.ClipModelParams`, ``train.architecture: clip``).
 
 Shapes (``P`` = prompt tokens, ``N = h*w`` patches, ``C`` = vision width, ``D`` = decoder_dim,
 ``T`` = text dim = the CLIP joint dim, ``K`` = classes scored):
@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magicseg.errors import BackendError, ConfigError
+from magicseg.core.errors import BackendError, ConfigError
 from magicseg.model.base import SegmenterOutput
+from magicseg.model.losses import hinge_cos, text_margin
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -81,15 +82,15 @@ def load_vision_tower(source: str) -> tuple[nn.Module, nn.Module | None]:
     from transformers import AutoConfig, AutoModel, CLIPVisionModelWithProjection
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = _load(AutoConfig, source, "train.clip.model")
+    cfg = _load(AutoConfig, source, "train.clip.checkpoint")
     if cfg.model_type in ("clip", "clip_vision_model"):
         kw = {}
         if cfg.model_type == "clip":  # the joint dim lives on the outer config
             kw["config"] = cfg.vision_config
             kw["config"].projection_dim = cfg.projection_dim
-        model = _load(CLIPVisionModelWithProjection, source, "train.clip.model", **kw)
+        model = _load(CLIPVisionModelWithProjection, source, "train.clip.checkpoint", **kw)
         return model.vision_model, model.visual_projection
-    model = _load(AutoModel, source, "train.clip.model")
+    model = _load(AutoModel, source, "train.clip.checkpoint")
     vision = getattr(model, "vision_model", model)
     return vision, getattr(model, "visual_projection", None)
 
@@ -326,8 +327,6 @@ def clip_loss(model: ClipSegmenter, batch, params) -> tuple[torch.Tensor, dict[s
     - ``text_margin``: max(0, m - cos(CLS_pos, t) + cos(CLS_cf, t)), t = own class text
       embeddings (CLIP's joint space: needs the CLIP text encoder).
     """
-    from magicseg.train import hinge_cos, text_margin
-
     use_cf = params.cf_weight > 0
     kind = params.cf_loss
     b = batch.images.shape[0]
@@ -376,18 +375,18 @@ class ClipTextEncoder:
     ) -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection
 
-        cfg = _load(AutoConfig, source, "train.clip.model")
+        cfg = _load(AutoConfig, source, "train.clip.checkpoint")
         self.name = "clip"
         self.is_clip = cfg.model_type == "clip"
-        self.tokenizer = _load(AutoTokenizer, source, "train.clip.model")
+        self.tokenizer = _load(AutoTokenizer, source, "train.clip.checkpoint")
         if self.is_clip:
             text_cfg = cfg.text_config
             text_cfg.projection_dim = cfg.projection_dim  # the joint dim lives on the outer one
             self.model = _load(
-                CLIPTextModelWithProjection, source, "train.clip.model", config=text_cfg
+                CLIPTextModelWithProjection, source, "train.clip.checkpoint", config=text_cfg
             )
         else:
-            self.model = _load(AutoModel, source, "train.clip.model")
+            self.model = _load(AutoModel, source, "train.clip.checkpoint")
         self.model.eval().requires_grad_(False)
         self.templates = tuple(templates)
         self.batch_size = batch_size

@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from magicseg.config import OpenAIWriterParams
-from magicseg.errors import BackendError
+from magicseg.core.config import OpenAIWriterParams
+from magicseg.core.errors import BackendError
 from magicseg.prompts.base import PromptRequest
 from magicseg.prompts.cache import DEFAULT_CACHE_DIR, ResponseCache, cache_key
 from magicseg.prompts.parsing import (
@@ -104,7 +104,7 @@ class OpenAIWriter:
         p = self.params
         return cache_key(
             writer=self.name,
-            model=p.model,
+            model=p.llm,
             messages=messages,
             seed=seed % SEED_MOD,
             temperature=p.temperature,
@@ -189,7 +189,7 @@ class OpenAIWriter:
             retry_after = None
             try:
                 resp = self._client.chat.completions.create(
-                    model=p.model,
+                    model=p.llm,
                     messages=messages,
                     temperature=p.temperature,
                     max_tokens=p.max_tokens,
@@ -219,7 +219,7 @@ class OpenAIWriter:
                 else:  # 400, 401, 403, 404, 422: retrying cannot help
                     raise BackendError(
                         f"prompts.openai: request refused with HTTP {err.status_code} "
-                        f"(model {p.model!r}): {_short(err.message)}"
+                        f"(llm {p.llm!r}): {_short(err.message)}"
                     ) from None
             except openai.APITimeoutError:
                 last = f"timeout after {p.timeout_s} s"

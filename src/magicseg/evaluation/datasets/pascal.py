@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from magicseg.datasets import Sample, require
-from magicseg.errors import DataError
-from magicseg.io import IGNORE_U8, read_image, read_mask
-from magicseg.vocabulary import builtin_names, check_names
+from magicseg.core.errors import DataError
+from magicseg.core.io import IGNORE_U8, read_image, read_mask
+from magicseg.core.vocabulary import builtin_names, check_names
+from magicseg.evaluation.datasets.base import Sample, require
 
 
 class _PascalSplit:

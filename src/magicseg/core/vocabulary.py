@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magicseg.errors import DataError
+from magicseg.core.errors import DataError
+from magicseg.core.seeding import rng
 
 VOC = (
     "aeroplane, bicycle, bird, boat, bottle, bus, car, cat, chair, cow, dining table, dog, horse, "
@@ -142,7 +143,7 @@ def builtin_names(source: str) -> list[str]:
     """Names of a built-in vocabulary: lvis (1203), coco (80), voc (20), context (59),
     procedural (the offline generator's catalogue)."""
     if source == "lvis":
-        text = resources.files("magicseg").joinpath("resources/lvis_v1.txt").read_text()
+        text = resources.files("magicseg.core").joinpath("resources/lvis_v1.txt").read_text()
         return [line for line in text.splitlines() if line.strip()]
     if source == "coco":
         return _split_builtin(COCO)
@@ -151,7 +152,7 @@ def builtin_names(source: str) -> list[str]:
     if source == "context":
         return _split_builtin(CONTEXT59)
     if source == "procedural":
-        from magicseg.generate.catalogue import CATALOGUE
+        from magicseg.core.catalogue import CATALOGUE
 
         return [c.name for c in CATALOGUE]
     raise DataError(f"unknown built-in vocabulary {source!r}")
@@ -179,6 +180,6 @@ def build_vocabulary(
         raise DataError(
             f"vocabulary.holdout: {holdout} held-out classes leave none of {len(names)} to train"
         )
-    rng = np.random.default_rng([seed, 7])
-    held = rng.choice(np.arange(1, len(names) + 1), size=holdout, replace=False) if holdout else []
+    pick = rng(seed, "vocabulary.holdout")
+    held = pick.choice(np.arange(1, len(names) + 1), size=holdout, replace=False) if holdout else []
     return Vocabulary(tuple(names), source, frozenset(int(i) for i in held))

@@ -1,5 +1,6 @@
-"""Benchmark evaluation: metrics against torchmetrics, sliding windows, the Grounded-SAM
-baseline, ``evaluate_all`` and the prediction API, on miniature datasets."""
+"""Evaluation: metrics against torchmetrics, sliding windows, real datasets, the Grounded-SAM
+baseline through the one segmenter interface, ``run_evaluate`` and the prediction API, on
+miniature datasets."""
 
 from __future__ import annotations
 
@@ -10,29 +11,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.benchmark_fixtures import make_context, make_voc
+from tests.real_dataset_fixtures import make_context, make_voc
 
-import magicseg
-from magicseg.benchmarks import (
-    GroundedSamSegmenter,
-    evaluate_all,
-    run_benchmarks,
-    score_dataset,
-)
-from magicseg.config import EvaluateParams, GroundedSamParams
-from magicseg.datasets import open_benchmark
+from magicseg.core.config import EvaluateParams, GroundedSamParams
+from magicseg.core.errors import DataError
+from magicseg.core.io import read_image, read_json, write_image
+from magicseg.evaluation import run_evaluate
+from magicseg.evaluation.datasets import open_real_dataset
+from magicseg.evaluation.real import score_dataset, score_real_datasets
+from magicseg.evaluation.segmenters import GroundedSamSegmenter
 from magicseg.inference import (
+    Predictor,
     SlidingPredictor,
     expand_inputs,
     labels_from_logits,
+    predict,
     slide,
     window_starts,
 )
-from magicseg.io import read_image, read_json, write_image
 from magicseg.label.grounded_sam import Detection
 from magicseg.metrics import ConfusionMatrix
 from magicseg.model import build_model, load_checkpoint, save_checkpoint
-from magicseg.model.predictor import Predictor, to_tensor
+from magicseg.model.base import to_tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def test_summary_without_background_matches_torchmetrics_ignoring_background(rng
     """The ``voc20``/``context`` variants: background pixels ignored, mean over 1..K."""
     from torchmetrics.classification import MulticlassJaccardIndex
 
-    from magicseg.benchmarks import summarise
+    from magicseg.evaluation.report import summarise
 
     c = 6
     pred = torch.from_numpy(rng.integers(1, c, (3, 20, 20)))
@@ -92,7 +92,7 @@ def test_summary_without_background_matches_torchmetrics_ignoring_background(rng
     cm.update(pred, target.masked_fill(target == 0, 255))
     ref = MulticlassJaccardIndex(num_classes=c, average=None, ignore_index=255)
     want = ref(pred, target.masked_fill(target == 0, 255)).double().numpy()
-    assert summarise(cm, False, 3)["miou"] == pytest.approx(round(want[1:].mean(), 4), abs=1e-9)
+    assert summarise(cm, range(1, c))["miou"] == pytest.approx(round(want[1:].mean(), 4), abs=1e-9)
     assert cm.miou(range(1, c)) == pytest.approx(want[1:].mean(), abs=1e-6)
 
 
@@ -183,7 +183,7 @@ def test_sliding_predictor_equals_predictor_when_the_window_covers(tmp_path, tin
     image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     pred = Predictor(ckpt)
     pred.set_classes(["dog", "cat", "sky"])
-    want = pred.segment(to_tensor([image]))[0]
+    want = pred.predict(to_tensor([image]))[0].argmax(0)
     for window in (None, 64):
         runner = SlidingPredictor(Predictor(ckpt), window=window, stride=16)
         runner.set_classes(["dog", "cat", "sky"])
@@ -206,7 +206,7 @@ def test_templates_average_the_text_features(tmp_path, tiny_encoder):
 
 
 # --------------------------------------------------------------------------------------------
-# benchmark evaluation
+# real datasets
 # --------------------------------------------------------------------------------------------
 class Oracle:
     """Predicts the label (ignore pixels as background), or all background."""
@@ -219,27 +219,31 @@ class Oracle:
     def set_classes(self, names):
         self.names = list(names)
 
-    def __call__(self, image):
-        label = torch.from_numpy(self.labels[image.tobytes()].copy())
-        label[label == 255] = 0
-        if self.blank:
-            label.zero_()
-        return label, label
+    def segment(self, images):
+        out = []
+        for image in images:
+            label = torch.from_numpy(self.labels[image.tobytes()].copy())
+            label[label == 255] = 0
+            if self.blank:
+                label.zero_()
+            out.append((label, label))
+        return out
 
 
 def test_oracle_scores_one_and_background_scores_by_hand(tmp_path):
     voc, labels = make_voc(tmp_path, classes=(12, 15, 12))
-    ds = open_benchmark("voc", voc)
-    params = EvaluateParams(voc={"enabled": True, "root": str(voc)}, gallery=2)
-    m = run_benchmarks(
-        params,
-        datasets={"voc": ds},
-        segmenter=Oracle(ds),
+    ds = open_real_dataset("voc", voc)
+    m = score_real_datasets(
+        {"voc": ds},
+        Oracle(ds),
+        "oracle",
+        gallery_samples=2,
         per_class_dir=tmp_path / "pc",
         gallery_dir=tmp_path / "gal",
     )
     assert m["voc"]["miou"] == 1.0 and m["voc20"]["miou"] == 1.0
     assert m["voc"]["images"] == 3 and m["voc"]["classes_scored"] == 3
+    assert m["voc"]["segmenter"] == "oracle" and m["voc"]["iou_background"] == 1.0
     rows = list(csv.DictReader(open(tmp_path / "pc" / "voc.csv")))
     assert [r["class"] for r in rows] == ["background", "dog", "person"]
     assert [float(r["iou"]) for r in rows] == [1.0, 1.0, 1.0]
@@ -247,7 +251,7 @@ def test_oracle_scores_one_and_background_scores_by_hand(tmp_path):
     gallery = read_image(tmp_path / "gal" / "voc.png")
     assert gallery.shape[0] > 2 * 128 and gallery.shape[1] >= 3 * 176
 
-    blank = run_benchmarks(params, datasets={"voc": ds}, segmenter=Oracle(ds, blank=True))
+    blank = score_real_datasets({"voc": ds}, Oracle(ds, blank=True), "oracle")
     scored = np.concatenate([lb[lb != 255] for lb in labels])
     bg_iou = (scored == 0).sum() / scored.size  # TP = bg pixels, union = every scored pixel
     assert blank["voc"]["miou"] == pytest.approx(round(bg_iou / 3, 4))  # dog, person: IoU 0
@@ -257,7 +261,7 @@ def test_oracle_scores_one_and_background_scores_by_hand(tmp_path):
 
 def test_context_variants_score_59_and_60_classes(tmp_path):
     ctx, _ = make_context(tmp_path)
-    ds = open_benchmark("context", ctx)
+    ds = open_real_dataset("context", ctx)
     cms, shown = score_dataset(ds, Oracle(ds), gallery=1)
     assert set(cms) == {"context", "context60"} and len(shown) == 1
     assert cms["context"].matrix[0].sum() == 0  # background ignored in the 59-class variant
@@ -265,39 +269,42 @@ def test_context_variants_score_59_and_60_classes(tmp_path):
     assert cms["context"].num_classes == 60
 
 
-def test_checkpoint_on_voc_through_evaluate_all(tmp_path, tiny_encoder, tiny_data):
+def test_checkpoint_on_voc_through_run_evaluate(tmp_path, tiny_encoder, tiny_data):
     vocab_dir, _, vocab = tiny_data
     ckpt = _checkpoint(tmp_path / "m.pt", tiny_encoder, vocab.names)
     voc, _ = make_voc(tmp_path)
     params = EvaluateParams(
         test_samples=4,
-        gallery=2,
+        gallery_samples=2,
         short_side=40,
         window=32,
         stride=20,
         templates=("a photo of a {}.",),
         voc={"enabled": True, "root": str(voc)},
     )
-    m = evaluate_all(
+    m = run_evaluate(
         ckpt,
         vocab_dir,
         params,
         seed=0,
         metrics_path=tmp_path / "metrics" / "eval.json",
-        benchmarks_dir=tmp_path / "bench",
+        plots_dir=tmp_path / "plots",
         text_encoder=tiny_encoder,
     )
-    assert {"procedural", "baselines", "voc", "voc20"} <= set(m)
+    assert set(m) == {"procedural", "baselines", "voc", "voc20"}
     assert read_json(tmp_path / "metrics" / "eval.json") == m
-    assert 0.0 <= m["voc"]["miou"] <= 1.0 and m["voc"]["model"] == "checkpoint"
-    assert (tmp_path / "bench/per_class/voc.csv").is_file()
-    assert (tmp_path / "bench/gallery/voc.png").is_file()
+    assert 0.0 <= m["voc"]["miou"] <= 1.0 and m["voc"]["segmenter"] == "trained"
+    assert m["procedural"]["segmenter"] == "trained" and m["procedural"]["samples"] == 4
+    for name in ("procedural", "voc", "voc20"):
+        assert (tmp_path / f"plots/per_class/{name}.csv").is_file(), name
+    for name in ("procedural", "voc"):
+        assert (tmp_path / f"plots/gallery/{name}.png").is_file(), name
 
 
-def test_missing_benchmark_fails_before_the_model_is_loaded(tmp_path):
+def test_missing_dataset_fails_before_the_model_is_loaded(tmp_path):
     params = EvaluateParams(voc={"enabled": True, "root": str(tmp_path / "VOC2012")})
-    with pytest.raises(magicseg.DataError, match="expected layout: VOCdevkit/VOC2012"):
-        evaluate_all(tmp_path / "no-such-model.pt", tmp_path, params, seed=0)
+    with pytest.raises(DataError, match="expected layout: VOCdevkit/VOC2012"):
+        run_evaluate(tmp_path / "no-such-model.pt", tmp_path, params, seed=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +333,7 @@ def test_grounded_sam_segmenter_captions_all_classes_and_composes_by_score():
     lab = FakeLabeler()
     seg = GroundedSamSegmenter(lab)
     seg.set_classes(["bat (animal)", "dog", "wood"])
-    with_bg, fg = seg(np.zeros((10, 12, 3), np.uint8))
+    [(with_bg, fg)] = seg.segment([np.zeros((10, 12, 3), np.uint8)])
     assert lab.asked == [((1, 2, 3), ("bat", "dog", "wood"))]  # display names, 1-based ids
     assert torch.equal(with_bg, fg)
     assert (with_bg[:4, :4] == 3).all() and (with_bg[4:8, 4:8] == 1).all()
@@ -341,33 +348,36 @@ def gsam_dirs(tmp_path_factory):
 
 
 def test_grounded_sam_baseline_runs_by_name(tmp_path, gsam_dirs, tiny_data):
-    """``evaluate.model: grounded_sam`` through the real loading path (random tiny models):
-    the procedural test set and VOC, every output written."""
+    """``evaluate.segmenter: grounded_sam`` through the real loading path (random tiny
+    models): the procedural test set and VOC, every output written."""
     vocab_dir, _, _ = tiny_data
     voc, _ = make_voc(tmp_path, classes=(12,))
     det, seg = gsam_dirs
-    gsam = GroundedSamParams(detector=str(det), segmenter=str(seg), device="cpu")
+    gsam = GroundedSamParams(detector_checkpoint=str(det), sam_checkpoint=str(seg), device="cpu")
     params = EvaluateParams(
-        model="grounded_sam", test_samples=3, gallery=2, voc={"enabled": True, "root": str(voc)}
+        segmenter="grounded_sam",
+        test_samples=3,
+        gallery_samples=2,
+        voc={"enabled": True, "root": str(voc)},
     )
-    m = evaluate_all(
+    m = run_evaluate(
         None,
         vocab_dir,
         params,
         seed=0,
         grounded_sam=gsam,
-        metrics_path=tmp_path / "eval.json",
-        per_class_path=tmp_path / "per_class.csv",
-        gallery_path=tmp_path / "gallery.png",
-        benchmarks_dir=tmp_path / "bench",
         procedural_size=(48, 48),
+        metrics_path=tmp_path / "eval.json",
+        plots_dir=tmp_path / "plots",
     )
-    assert set(m) == {"procedural", "voc", "voc20"}
-    assert m["procedural"]["samples"] == 3 and m["procedural"]["model"] == "grounded_sam"
-    assert m["voc"]["model"] == "grounded_sam" and m["voc"]["images"] == 1
+    assert set(m) == {"procedural", "baselines", "voc", "voc20"}
+    assert m["procedural"]["samples"] == 3 and m["procedural"]["segmenter"] == "grounded_sam"
+    assert m["voc"]["segmenter"] == "grounded_sam" and m["voc"]["images"] == 1
     assert 0.0 <= m["voc"]["miou"] <= 1.0
-    for out in ("eval.json", "per_class.csv", "gallery.png", "bench/per_class/voc.csv"):
-        assert (tmp_path / out).is_file(), out
+    for out in ("procedural.csv", "voc.csv", "voc20.csv"):
+        assert (tmp_path / "plots/per_class" / out).is_file(), out
+    for out in ("procedural.png", "voc.png"):
+        assert (tmp_path / "plots/gallery" / out).is_file(), out
 
 
 def test_grounded_sam_baseline_finds_the_scripted_object(tmp_path, gsam_dirs):
@@ -378,11 +388,13 @@ def test_grounded_sam_baseline_finds_the_scripted_object(tmp_path, gsam_dirs):
     from magicseg.label.grounded_sam import GroundedSamLabeler
 
     det, seg = gsam_dirs
-    lab = GroundedSamLabeler(GroundedSamParams(detector=str(det), segmenter=str(seg), device="cpu"))
+    lab = GroundedSamLabeler(
+        GroundedSamParams(detector_checkpoint=str(det), sam_checkpoint=str(seg), device="cpu")
+    )
     dog = bert_tokenizer()("dog", add_special_tokens=False)["input_ids"]
     lab.detector = ScriptedDetector(lab.detector.config, dog)
     voc, _ = make_voc(tmp_path, classes=(12,))
-    ds = open_benchmark("voc", voc)
+    ds = open_real_dataset("voc", voc)
     cms, shown = score_dataset(ds, GroundedSamSegmenter(lab), gallery=1)
     assert set(np.unique(shown[0][2])) <= {0, 12}
     predicted = cms["voc"].matrix.sum(0)
@@ -402,23 +414,23 @@ def test_predict_api_on_folders_globs_and_arrays(tmp_path, tiny_encoder):
     assert expand_inputs([tmp_path / "imgs"]) == [tmp_path / "imgs/0.png", tmp_path / "imgs/1.png"]
     assert expand_inputs(str(tmp_path / "**" / "1.png")) == [tmp_path / "imgs/1.png"]
     loaded = load_checkpoint(ckpt, tiny_encoder)
-    from_folder = magicseg.predict(tmp_path / "imgs", "dog, cat", loaded, device="cpu")
-    from_arrays = magicseg.predict(images, ["dog", "cat"], loaded, device="cpu")
+    from_folder = predict(tmp_path / "imgs", "dog, cat", loaded, device="cpu")
+    from_arrays = predict(images, ["dog", "cat"], loaded, device="cpu")
     assert [m.shape for m in from_folder] == [(32, 32), (60, 90)]
     for a, b in zip(from_folder, from_arrays, strict=True):
         np.testing.assert_array_equal(a, b)
     assert from_folder[1].max() <= 2 and from_folder[1].dtype == np.int64
-    sliding = magicseg.predict(images[1], "dog,cat", loaded, window=32, stride=24, device="cpu")
+    sliding = predict(images[1], "dog,cat", loaded, window=32, stride=24, device="cpu")
     assert sliding[0].shape == (60, 90)
-    with pytest.raises(magicseg.DataError, match="no images"):
-        magicseg.predict(str(tmp_path / "*.jpg"), "dog", loaded)
+    with pytest.raises(DataError, match="no images"):
+        predict(str(tmp_path / "*.jpg"), "dog", loaded)
 
 
 def test_cli_predict_on_a_folder_with_sliding_windows(tmp_path):
     from typer.testing import CliRunner
 
     from magicseg.cli import app
-    from magicseg.io import read_mask
+    from magicseg.core.io import read_mask
 
     torch.manual_seed(0)
     cfg = {"width": 8, "depth": 2, "embed_dim": 16, "text_encoder": "minilm"}

@@ -11,13 +11,17 @@ Backend-specific settings live in a nested block named after the backend (``gene
 
 from __future__ import annotations
 
+import json
+import types
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from magicseg.errors import ConfigError
+from magicseg.core.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -53,7 +57,8 @@ class VocabularyParams(Section):
 # prompts
 # --------------------------------------------------------------------------------------------
 class OpenAIWriterParams(Section):
-    model: str = "gpt-4o-mini"
+    llm: str = "gpt-4o-mini"
+    """Model name on the server (``model`` of the chat-completions request)."""
     base_url: str | None = None
     """OpenAI-compatible server (vLLM, Ollama, llama.cpp); null = api.openai.com."""
     api_key_env: str = "OPENAI_API_KEY"
@@ -70,7 +75,8 @@ class OpenAIWriterParams(Section):
 
 
 class TransformersWriterParams(Section):
-    model: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    checkpoint: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    """Instruction-tuned causal LM (with a chat template): hub id or local directory."""
     batch_size: int = Field(4, ge=1)
     temperature: float = Field(0.9, gt=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -106,7 +112,7 @@ class ProceduralGeneratorParams(Section):
 
 
 class DiffusersGeneratorParams(Section):
-    model: str = "runwayml/stable-diffusion-v1-5"
+    checkpoint: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """Any diffusers text-to-image checkpoint: hub id or local directory."""
     scheduler: Literal["dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "default"] = "dpm++"
     steps: int = Field(20, ge=1, le=1000)
@@ -126,7 +132,9 @@ class DiffusersGeneratorParams(Section):
     one call, at most 32 images) on CUDA; 1 on a CPU, where batching measured no faster
     (benchmarks/generate.py)."""
     counterfactual_mode: Literal["prompt_swap", "inpaint"] = "prompt_swap"
-    inpaint_model: str | None = None
+    inpaint_checkpoint: str | None = None
+    """Inpainting checkpoint for ``counterfactual_mode: inpaint``; null = the text-to-image
+    checkpoint's components in an inpainting pipeline."""
     inpaint_dilate: int = Field(8, ge=0)
 
 
@@ -165,9 +173,9 @@ class DifferenceLabelerParams(Section):
 
 
 class GroundedSamParams(Section):
-    detector: str = "IDEA-Research/grounding-dino-tiny"
+    detector_checkpoint: str = "IDEA-Research/grounding-dino-tiny"
     """Grounding DINO checkpoint: hub id or local directory."""
-    segmenter: str = "facebook/sam-vit-huge"
+    sam_checkpoint: str = "facebook/sam-vit-huge"
     """SAM checkpoint: hub id or local directory."""
     box_threshold: float = Field(0.3, ge=0.0, le=1.0)
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
@@ -209,7 +217,7 @@ class FilterParams(Section):
     (0 switches the check off)."""
     drop_cf_detected: bool = True
     """Drop samples whose class is still detected in the counterfactual (labelers that check)."""
-    gallery: int = Field(8, ge=0, le=64)
+    gallery_samples: int = Field(8, ge=0, le=64)
     """Examples of kept and of dropped samples drawn in the gallery plot."""
 
     @model_validator(mode="after")
@@ -231,7 +239,8 @@ class OfflineModelParams(Section):
 
 
 class ClipModelParams(Section):
-    model: str = "openai/clip-vit-base-patch16"
+    checkpoint: str = "openai/clip-vit-base-patch16"
+    """CLIP (or SigLIP) checkpoint: hub id or local directory; its vision tower is frozen."""
     vpt_tokens: int = Field(10, ge=0)
     decoder_layers: int = Field(3, ge=1)
     decoder_heads: int = Field(8, ge=1)
@@ -245,8 +254,9 @@ class ClipModelParams(Section):
 
 
 class TrainParams(Section):
-    model: Literal["offline", "clip"] = "offline"
-    """Segmenter: `offline` (small U-Net + MiniLM) or `clip` (CLIP ViT with deep visual prompts)."""
+    architecture: Literal["offline", "clip"] = "offline"
+    """Segmenter trained: `offline` (small U-Net + MiniLM) or `clip` (CLIP ViT with deep
+    visual prompts); its settings are the block of the same name."""
     steps: int = Field(1000, ge=1)
     """Optimiser steps."""
     batch_size: int = Field(32, ge=1)
@@ -257,10 +267,10 @@ class TrainParams(Section):
     """Classes scored per image: its own first, then random others (category random sampling)."""
     cf_weight: float = Field(0.5, ge=0)
     cf_loss: Literal["hinge_head", "hinge_pixels", "cf_background", "text_margin"] = "cf_background"
-    """Form of the counterfactual loss (see :mod:`magicseg.train`; the literal pixel-feature
-    hinge can fight the pixel objective). ``cf_background`` measured best on the offline
-    profile (seen/held-out mIoU 0.31/0.21 against 0.24/0.18 without it, one run each) at about
-    twice the compute per step; the hinge forms lowered held-out mIoU."""
+    """Form of the counterfactual loss (see :mod:`magicseg.train` and the README; the literal
+    pixel-feature hinge can fight the pixel objective). ``cf_background`` and
+    ``hinge_pixels`` pass the counterfactual through the whole model (about twice the compute
+    per step), the other two through the image encoder only."""
     cf_margin: float = Field(0.2, ge=0.0, le=2.0)
     """Margin of ``cf_loss: text_margin`` (cosine units)."""
     bg_weight: float = Field(0.1, gt=0)
@@ -280,31 +290,42 @@ class TrainParams(Section):
 # --------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------
-class BenchmarkParams(Section):
+class RealDatasetParams(Section):
     enabled: bool = False
     root: str | None = None
+    """The dataset's directory, in the layout of :mod:`magicseg.evaluation.datasets`."""
     limit: int | None = Field(None, ge=1)
     """Evaluate the first ``limit`` images only (quick checks); None = the whole split."""
 
 
 class EvaluateParams(Section):
-    model: Literal["checkpoint", "grounded_sam"] = "checkpoint"
-    """What is evaluated: the trained checkpoint or the zero-shot Grounded-SAM baseline."""
+    segmenter: Literal["trained", "grounded_sam"] = "trained"
+    """What is evaluated: the trained checkpoint or the zero-shot Grounded-SAM baseline (the
+    ``label.grounded_sam`` block)."""
     test_samples: int = Field(600, ge=1)
     """Procedural held-out test images (rendered with seeds disjoint from training)."""
-    drift: float = Field(0.2, ge=0.0, le=1.0)
+    test_drift: float = Field(0.2, ge=0.0, le=1.0)
+    """``generate.procedural.drift`` of the procedural test set's counterfactuals."""
     batch_size: int = Field(64, ge=1)
-    gallery: int = Field(8, ge=0, le=64)
+    """Procedural test images per forward pass of the trained segmenter."""
+    gallery_samples: int = Field(8, ge=0, le=64)
+    """Test images drawn in the gallery plot (each test set)."""
     short_side: int = Field(448, ge=32)
+    """Real datasets: each image's short side is resized to this before scoring."""
     window: int = Field(448, ge=32)
+    """Real datasets: sliding-window size in pixels."""
     stride: int = Field(300, ge=1)
+    """Real datasets: sliding-window stride in pixels."""
     bg_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    """Background wherever no class reaches this probability; null = the model's background
+    class."""
     templates: tuple[str, ...] = ("{}",)
-    """Benchmarks: class-name prompt templates ("a photo of a {}."), text features averaged."""
-    voc: BenchmarkParams = BenchmarkParams()
-    context: BenchmarkParams = BenchmarkParams()
-    coco_object: BenchmarkParams = BenchmarkParams()
-    lvis: BenchmarkParams = BenchmarkParams()
+    """Real datasets: class-name prompt templates ("a photo of a {}."), text features
+    averaged."""
+    voc: RealDatasetParams = RealDatasetParams()
+    context: RealDatasetParams = RealDatasetParams()
+    coco_object: RealDatasetParams = RealDatasetParams()
+    lvis: RealDatasetParams = RealDatasetParams()
 
     @model_validator(mode="after")
     def _check_templates(self):
@@ -328,6 +349,38 @@ class Params(Section):
     filter: FilterParams = FilterParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+
+RENAMED: dict[str, str] = {
+    "prompts.openai.model": "prompts.openai.llm",
+    "prompts.transformers.model": "prompts.transformers.checkpoint",
+    "generate.diffusers.model": "generate.diffusers.checkpoint",
+    "generate.diffusers.inpaint_model": "generate.diffusers.inpaint_checkpoint",
+    "label.grounded_sam.detector": "label.grounded_sam.detector_checkpoint",
+    "label.grounded_sam.segmenter": "label.grounded_sam.sam_checkpoint",
+    "filter.gallery": "filter.gallery_samples",
+    "train.model": "train.architecture",
+    "train.clip.model": "train.clip.checkpoint",
+    "evaluate.model": "evaluate.segmenter",
+    "evaluate.drift": "evaluate.test_drift",
+    "evaluate.gallery": "evaluate.gallery_samples",
+}
+"""Old params keys -> their new names: an old key is refused with a line naming the new one."""
+RENAMED_VALUES: dict[tuple[str, str], str] = {("evaluate.model", "checkpoint"): "trained"}
+"""(old key, old value) -> the value's new name, added to that line."""
+
+
+def _check_renamed(data: dict[str, Any], source: str) -> None:
+    """ConfigError ``<source>: <old key>: renamed to <new key>`` for the first old key found."""
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            hint = RENAMED_VALUES.get((old, str(node[leaf])))
+            extra = f" ({node[leaf]} is now {hint})" if hint else ""
+            raise ConfigError(f"{source}: {old}: renamed to {new}{extra}")
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -372,6 +425,7 @@ def parse_params(data: dict[str, Any] | None, source: str = "params.yaml") -> Pa
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a mapping of sections, got {type(data).__name__}")
+    _check_renamed(data, source)
     try:
         return Params.model_validate(data)
     except ValidationError as err:
@@ -395,21 +449,43 @@ def params_to_dict(params: BaseModel) -> dict[str, Any]:
     return params.model_dump(mode="json")
 
 
-def _allowed(field) -> str:
-    """Human summary of a field's type and bounds."""
-    import typing
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
-    ann = field.annotation
-    args = typing.get_args(ann)
-    if typing.get_origin(ann) is Literal:
+
+def _describe(ann: Any, metadata: Sequence[Any] = ()) -> str:
+    """A type annotation in words: ``int >= 1 or auto``, ``str or null``, ``list of str``,
+    ``a \\| b`` for a choice (escaped for a Markdown table)."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
         return " \\| ".join(str(a) for a in args)
-    names = [getattr(a, "__name__", str(a)) for a in (args or (ann,))]
-    text = " or ".join("null" if n == "NoneType" else n for n in names)
-    for m in field.metadata:
-        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if getattr(m, attr, None) is not None:
-                text += f", {sym} {getattr(m, attr)}"
-    return text
+    if origin is Annotated:  # Field(...) inside Annotated carries its bounds in .metadata
+        inner = [x for m in args[1:] for x in (getattr(m, "metadata", None) or [m])]
+        return _describe(args[0], [*inner, *metadata])
+    if origin in (typing.Union, types.UnionType):
+        parts = [a for a in args if a is not type(None)]
+        text = " or ".join(_describe(a, metadata if len(parts) == 1 else ()) for a in parts)
+        return text + (" or null" if len(parts) < len(args) else "")
+    if origin in (tuple, list):
+        return f"list of {_describe(args[0])}" if args else "list"
+    text = getattr(ann, "__name__", str(ann))
+    bounds = [
+        f"{sym} {getattr(m, attr)}"
+        for m in metadata
+        for attr, sym in _BOUNDS
+        if getattr(m, attr, None) is not None
+    ]
+    return f"{text} {', '.join(bounds)}" if bounds else text
+
+
+def _default(value: Any) -> str:
+    """A default as it is written in ``params.yaml``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return json.dumps(list(value))
+    return str(value) if value != "" else '""'
 
 
 def params_reference(cls: type[BaseModel] = Params, prefix: str = "") -> list[str]:
@@ -422,8 +498,8 @@ def params_reference(cls: type[BaseModel] = Params, prefix: str = "") -> list[st
             rows.extend(params_reference(ann, f"{key}."))
             continue
         doc = " ".join((field.description or "").split())
-        default = "null" if field.default is None else field.default
-        rows.append(f"| `{key}` | `{default}` | {_allowed(field)} | {doc} |")
+        allowed = _describe(ann, field.metadata)
+        rows.append(f"| `{key}` | `{_default(field.default)}` | {allowed} | {doc} |")
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Miniature benchmarks in their standard layouts, written by tests (no download)."""
+"""Miniature real datasets in their standard layouts, written by tests (no download)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from magicseg.datasets.pascal import voc_palette
+from magicseg.evaluation.datasets.pascal import voc_palette
 
 # the 80 COCO category ids (non-contiguous), in the order of vocabulary.COCO
 COCO_IDS = [

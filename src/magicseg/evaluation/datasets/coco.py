@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from magicseg.datasets import Sample, require
-from magicseg.errors import BackendError, DataError
-from magicseg.io import ignore_index, read_image
-from magicseg.vocabulary import builtin_names, check_names, normalize_name
+from magicseg.core.errors import BackendError, DataError
+from magicseg.core.io import ignore_index, read_image
+from magicseg.core.vocabulary import builtin_names, check_names, normalize_name
+from magicseg.evaluation.datasets.base import Sample, require
 
 COCO_LAYOUT = "COCO 2017 with annotations/instances_val2017.json and val2017/*.jpg"
 LVIS_LAYOUT = (

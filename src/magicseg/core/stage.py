@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from magicseg.errors import MagicsegError
-from magicseg.io import read_manifest
-from magicseg.vocabulary import Vocabulary
+from magicseg.core.errors import MagicsegError
+from magicseg.core.io import read_manifest
+from magicseg.core.vocabulary import Vocabulary
 
 F = TypeVar("F", bound=Callable[..., object])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from magicseg.errors import BackendError
+from magicseg.core.errors import BackendError
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from magicseg.errors import DataError
+from magicseg.core.errors import DataError
 
 MANIFEST = "manifest.parquet"
 IGNORE_U8 = 255

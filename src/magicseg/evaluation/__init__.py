@@ -1,0 +1,90 @@
+"""The ``evaluate`` stage's wing: a segmenter (the trained checkpoint or the Grounded-SAM
+baseline, one interface: :mod:`magicseg.evaluation.segmenters`) scored on the procedural test
+set (:mod:`~magicseg.evaluation.procedural`) and on the enabled real datasets
+(:mod:`~magicseg.evaluation.real`, readers in :mod:`~magicseg.evaluation.datasets`), every
+test set reported the same way (:mod:`~magicseg.evaluation.report`) with galleries drawn by
+:mod:`magicseg.viz`.
+
+Its entry is :func:`run_evaluate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magicseg.core.config import EvaluateParams, GroundedSamParams
+from magicseg.core.errors import DataError
+from magicseg.core.io import write_json
+from magicseg.core.stage import load_vocabulary
+from magicseg.evaluation.procedural import render_test_set, score_test_set
+from magicseg.evaluation.real import open_enabled, score_real_datasets
+from magicseg.evaluation.segmenters import build_segmenters
+
+
+def run_evaluate(
+    checkpoint: str | Path | None,
+    vocab_dir: str | Path,
+    params: EvaluateParams,
+    seed: int,
+    grounded_sam: GroundedSamParams | None = None,
+    procedural_size: tuple[int, int] = (64, 64),
+    metrics_path: str | Path | None = None,
+    plots_dir: str | Path | None = None,
+    text_encoder=None,
+) -> dict:
+    """The ``evaluate`` stage: ``params.segmenter`` scored on the procedural test set and the
+    enabled real datasets, in one metrics dict keyed by test set (``procedural``,
+    ``baselines``, ``voc``, ``voc20``, ...), written to ``metrics_path``.
+
+    ``checkpoint``: the trained model (``segmenter: trained``; the procedural test set is
+    rendered at its training size); ``grounded_sam``: the ``label.grounded_sam`` block
+    (``segmenter: grounded_sam``; the test set at ``procedural_size`` = (H, W), give the
+    generate stage's). ``plots_dir`` receives ``per_class/<test set>.csv`` and
+    ``gallery/<test set>.png``. ``text_encoder`` overrides the checkpoint's (tests).
+    """
+    # 1. Inputs, checked before any model is loaded: real-dataset layouts, the vocabulary.
+    datasets = open_enabled(params)
+    vocab = load_vocabulary(vocab_dir)
+    if vocab.source != "procedural":
+        raise DataError(
+            f"evaluate: the procedural test set needs vocabulary.source: procedural "
+            f"(got {vocab.source!r})"
+        )
+
+    # 2. The segmenter (one checkpoint load for both protocols).
+    segmenters = build_segmenters(params, checkpoint, grounded_sam, text_encoder)
+    size = procedural_size
+    if segmenters.checkpoint is not None:
+        if list(segmenters.checkpoint.vocab) != list(vocab.names):
+            raise DataError(f"{checkpoint}: trained on another vocabulary than {vocab_dir}")
+        size = tuple(segmenters.checkpoint.image_size)
+    plots = Path(plots_dir) if plots_dir is not None else None
+
+    # 3. The procedural test set (seeds disjoint from training).
+    test = render_test_set(vocab, params.test_samples, seed, params.test_drift, size)
+    metrics = score_test_set(
+        segmenters.procedural,
+        test,
+        vocab,
+        params.batch_size,
+        per_class_path=plots / "per_class/procedural.csv" if plots else None,
+        gallery_path=plots / "gallery/procedural.png" if plots else None,
+        gallery_samples=params.gallery_samples,
+    )
+    metrics["procedural"]["segmenter"] = segmenters.name
+
+    # 4. The real datasets.
+    metrics |= score_real_datasets(
+        datasets,
+        segmenters.real,
+        segmenters.name,
+        params.gallery_samples,
+        per_class_dir=plots / "per_class" if plots else None,
+        gallery_dir=plots / "gallery" if plots else None,
+    )
+    if metrics_path is not None:
+        write_json(metrics_path, metrics)
+    return metrics
+
+
+__all__ = ["run_evaluate"]
