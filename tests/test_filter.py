@@ -16,7 +16,7 @@ from magicseg.core.io import (
     write_mask,
 )
 from magicseg.core.vocabulary import build_vocabulary
-from magicseg.filter import REASONS, draw_gallery, reasons_for, run_filter
+from magicseg.filter import REASONS, reasons_for, run_filter, write_filter_gallery
 from magicseg.viz import IGNORE_GREY, palette
 
 
@@ -115,7 +115,7 @@ def test_gallery_greys_the_ignore_value_of_a_uint16_vocabulary(tmp_path):
         [{"id": "a", "image": "images/a.png", "cf_image": "cf/a.png", "mask": "masks/a.png"}]
     )
     decisions = pd.DataFrame([{"id": "a", "kept": True, "reason": None, "reasons": []}])
-    draw_gallery(tmp_path, frame, decisions, vocab, 1, tmp_path / "g.png")
+    write_filter_gallery(tmp_path, frame, decisions, vocab, 1, tmp_path / "g.png")
     g = read_image(tmp_path / "g.png")
     tile = 128  # 16 px enlarged 8x; third tile = the overlay, after two tiles and the padding
     x0 = 2 + 2 * (tile + 2)

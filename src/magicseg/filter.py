@@ -134,7 +134,9 @@ def run_filter(
     if metrics_path is not None:
         write_json(metrics_path, filter_metrics(frame, decisions))
     if gallery_path is not None:
-        draw_gallery(label_dir, frame, decisions, vocab, params.gallery_samples, gallery_path, seed)
+        write_filter_gallery(
+            label_dir, frame, decisions, vocab, params.gallery_samples, gallery_path, seed
+        )
     return kept
 
 
@@ -162,7 +164,7 @@ def _round(x: float) -> float | None:
     return None if math.isnan(x) else round(float(x), 4)
 
 
-def draw_gallery(
+def write_filter_gallery(
     label_dir: Path,
     frame: pd.DataFrame,
     decisions: pd.DataFrame,
