@@ -301,6 +301,30 @@ def test_checkpoint_on_voc_through_run_evaluate(tmp_path, tiny_encoder, tiny_dat
         assert (tmp_path / f"plots/gallery/{name}.png").is_file(), name
 
 
+def test_another_vocabulary_is_scored_on_the_real_datasets_only(tmp_path, tiny_encoder, capsys):
+    """With the paper's LVIS vocabulary there is no procedural test set to render: the real
+    datasets are scored; with none enabled there is nothing to evaluate."""
+    from magicseg.core.io import write_manifest
+    from magicseg.core.vocabulary import build_vocabulary
+
+    vocab = build_vocabulary("lvis")
+    write_manifest(tmp_path / "vocab", vocab.to_frame())
+    ckpt = _checkpoint(tmp_path / "m.pt", tiny_encoder, vocab.names)
+    voc, _ = make_voc(tmp_path)
+    params = EvaluateParams(gallery_samples=1, voc={"enabled": True, "root": str(voc)})
+    m = run_evaluate(
+        ckpt, tmp_path / "vocab", params, 0, plots_dir=tmp_path / "plots", text_encoder=tiny_encoder
+    )
+    assert set(m) == {"voc", "voc20"} and m["voc"]["images"] == 3
+    assert "'lvis' vocabulary: no procedural test set" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "plots/per_class").iterdir()) == [
+        "voc.csv",
+        "voc20.csv",
+    ]
+    with pytest.raises(DataError, match="nothing to evaluate"):
+        run_evaluate(ckpt, tmp_path / "vocab", EvaluateParams(), 0, text_encoder=tiny_encoder)
+
+
 def test_missing_dataset_fails_before_the_model_is_loaded(tmp_path):
     params = EvaluateParams(voc={"enabled": True, "root": str(tmp_path / "VOC2012")})
     with pytest.raises(DataError, match="expected layout: VOCdevkit/VOC2012"):

@@ -92,7 +92,7 @@ def labels_from_logits(
     channel), so 1203 LVIS classes at full resolution never sit in memory at once.
     ``with background``: argmax over all, or, with ``bg_threshold``, the best foreground class
     where its softmax probability reaches the threshold and 0 elsewhere; ``foreground only``:
-    argmax over classes 1..K (for benchmarks that do not score background).
+    argmax over classes 1..K (for test sets that do not score background).
     """
     c = logits.shape[1]
     best = best_fg = lse = arg = arg_fg = None

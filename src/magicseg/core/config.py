@@ -303,7 +303,8 @@ class EvaluateParams(Section):
     """What is evaluated: the trained checkpoint or the zero-shot Grounded-SAM baseline (the
     ``label.grounded_sam`` block)."""
     test_samples: int = Field(600, ge=1)
-    """Procedural held-out test images (rendered with seeds disjoint from training)."""
+    """Procedural held-out test images (rendered with seeds disjoint from training); the
+    procedural test set needs ``vocabulary.source: procedural``."""
     test_drift: float = Field(0.2, ge=0.0, le=1.0)
     """``generate.procedural.drift`` of the procedural test set's counterfactuals."""
     batch_size: int = Field(64, ge=1)

@@ -10,6 +10,7 @@ Its entry is :func:`run_evaluate`.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from magicseg.core.config import EvaluateParams, GroundedSamParams
@@ -32,9 +33,10 @@ def run_evaluate(
     plots_dir: str | Path | None = None,
     text_encoder=None,
 ) -> dict:
-    """The ``evaluate`` stage: ``params.segmenter`` scored on the procedural test set and the
-    enabled real datasets, in one metrics dict keyed by test set (``procedural``,
-    ``baselines``, ``voc``, ``voc20``, ...), written to ``metrics_path``.
+    """The ``evaluate`` stage: ``params.segmenter`` scored on the procedural test set (when
+    the vocabulary is the procedural catalogue, the only one it can render) and on the enabled
+    real datasets, in one metrics dict keyed by test set (``procedural``, ``baselines``,
+    ``voc``, ``voc20``, ...), written to ``metrics_path``.
 
     ``checkpoint``: the trained model (``segmenter: trained``; the procedural test set is
     rendered at its training size); ``grounded_sam``: the ``label.grounded_sam`` block
@@ -45,33 +47,39 @@ def run_evaluate(
     # 1. Inputs, checked before any model is loaded: real-dataset layouts, the vocabulary.
     datasets = open_enabled(params)
     vocab = load_vocabulary(vocab_dir)
-    if vocab.source != "procedural":
+    procedural = vocab.source == "procedural"
+    if not procedural and not datasets:
         raise DataError(
-            f"evaluate: the procedural test set needs vocabulary.source: procedural "
-            f"(got {vocab.source!r})"
+            f"evaluate: nothing to evaluate: the procedural test set needs vocabulary.source: "
+            f"procedural (got {vocab.source!r}) and no real dataset is enabled "
+            f"(evaluate.<dataset>.enabled)"
         )
+    if not procedural:
+        print(f"evaluate: {vocab.source!r} vocabulary: no procedural test set", file=sys.stderr)
 
     # 2. The segmenter (one checkpoint load for both protocols).
     segmenters = build_segmenters(params, checkpoint, grounded_sam, text_encoder)
-    size = procedural_size
-    if segmenters.checkpoint is not None:
-        if list(segmenters.checkpoint.vocab) != list(vocab.names):
-            raise DataError(f"{checkpoint}: trained on another vocabulary than {vocab_dir}")
-        size = tuple(segmenters.checkpoint.image_size)
     plots = Path(plots_dir) if plots_dir is not None else None
+    metrics: dict = {}
 
-    # 3. The procedural test set (seeds disjoint from training).
-    test = render_test_set(vocab, params.test_samples, seed, params.test_drift, size)
-    metrics = score_test_set(
-        segmenters.procedural,
-        test,
-        vocab,
-        params.batch_size,
-        per_class_path=plots / "per_class/procedural.csv" if plots else None,
-        gallery_path=plots / "gallery/procedural.png" if plots else None,
-        gallery_samples=params.gallery_samples,
-    )
-    metrics["procedural"]["segmenter"] = segmenters.name
+    # 3. The procedural test set (seeds disjoint from training), at the training size.
+    if procedural:
+        size = procedural_size
+        if segmenters.checkpoint is not None:
+            if list(segmenters.checkpoint.vocab) != list(vocab.names):
+                raise DataError(f"{checkpoint}: trained on another vocabulary than {vocab_dir}")
+            size = tuple(segmenters.checkpoint.image_size)
+        test = render_test_set(vocab, params.test_samples, seed, params.test_drift, size)
+        metrics = score_test_set(
+            segmenters.procedural,
+            test,
+            vocab,
+            params.batch_size,
+            per_class_path=plots / "per_class/procedural.csv" if plots else None,
+            gallery_path=plots / "gallery/procedural.png" if plots else None,
+            gallery_samples=params.gallery_samples,
+        )
+        metrics["procedural"]["segmenter"] = segmenters.name
 
     # 4. The real datasets.
     metrics |= score_real_datasets(

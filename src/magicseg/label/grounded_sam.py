@@ -353,7 +353,7 @@ class GroundedSamLabeler:
         models: tuple | None = None,
     ) -> None:
         """``models``: an already loaded (detector, processor, segmenter, processor) tuple, to
-        share weights between labelers (benchmarks); loaded from ``params`` otherwise."""
+        share weights between labelers (speed benchmarks); loaded from ``params`` otherwise."""
         import torch
 
         self.params = params

@@ -60,7 +60,7 @@ def rasterize(
 
 
 class CocoSemantic:
-    """A COCO-format instances file as a semantic segmentation benchmark."""
+    """A COCO-format instances file as a semantic segmentation dataset."""
 
     def __init__(
         self,
