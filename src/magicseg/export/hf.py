@@ -5,7 +5,8 @@ Layout of ``out`` (``magicseg export --format hf --out DIR``)::
 
     DIR/README.md                            dataset card: hub YAML metadata + body (card.py)
     DIR/data/train-00000-of-00003.parquet    Parquet shards, what the hub serves and streams
-    DIR/dataset_dict.json, DIR/train/        a DatasetDict: ``datasets.load_from_disk(DIR)``
+    DIR/dataset_dict.json, DIR/train/        the same rows as a DatasetDict saved to disk (Arrow):
+                                             ``datasets.load_from_disk(DIR)``
     DIR/export.json                          the shards, their sample ids and input digests
 
 One row per sample; the columns are :func:`features`. Images are the stages' PNG files stored
@@ -14,8 +15,10 @@ masks are byte-identical to the label stage's PNGs (class indices, ``uint8`` or 
 vocabulary size, see :mod:`magicseg.io`).
 
 Memory: samples are read one at a time and written in row groups of at most
-``ROW_GROUP_ROWS`` rows and ``ROW_GROUP_BYTES`` bytes; what stays in memory for the whole run
-is the manifests and a digest per sample, never the images. A shard is closed before it would
+``ROW_GROUP_ROWS`` rows and ``ROW_GROUP_BYTES`` bytes, each one both to a Parquet shard and to
+the Arrow file of the saved DatasetDict (the layout of ``DatasetDict.save_to_disk``, checked by
+loading it back); what stays in memory for the whole run is the manifests and a digest per
+sample, never the images (``benchmarks/export_memory.py``). A shard is closed before it would
 pass the size budget (one sample bigger than the budget gets a shard of its own). Boundaries
 depend only on the inputs, so every run cuts the same shards.
 
@@ -44,7 +47,7 @@ from typing import Any
 import pandas as pd
 
 from magicseg.errors import BackendError, ConfigError, DataError
-from magicseg.io import atomic_path, ignore_index, mask_dtype, read_json, read_manifest, write_json
+from magicseg.io import atomic_path, mask_dtype, read_json, read_manifest, write_json
 from magicseg.vocabulary import Vocabulary
 
 FORMAT_VERSION = 1
@@ -205,6 +208,7 @@ def export_hf(
     if previous is not None and previous.get("digest") == plan.digest:
         summary = _summary(out, plan, previous, 0, True, t0, reasons)
         _write_card(out, summary, vocab, feats, card)
+        shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)  # any stale one
         return summary
 
     # 4. Shards: keep the finished ones whose inputs are unchanged, write the others.
@@ -215,38 +219,40 @@ def export_hf(
     todo = [k for k, d in enumerate(plan.shard_digests) if not _have_shard(shard_dir, ledger, d)]
     _write_shards(plan, todo, shard_dir, ledger, partial, feats, len(vocab), progress)
 
-    # 5. The DatasetDict, the card and export.json in a staging directory, then swapped in.
+    # 5. The DatasetDict, export.json and the card in a staging directory, then swapped in.
     staging = partial / "final"
     shutil.rmtree(staging, ignore_errors=True)
-    files = _link_shards(plan, shard_dir, staging / "data")
-    total = sum(f.stat().st_size for f in files)
-    _save_to_disk(files, feats, staging, partial / "hf-cache", budget, plan.digest)
+    parquet, arrow = _link_shards(plan, shard_dir, staging)
     record = {
         "format": FORMAT_VERSION,
         "digest": plan.digest,
         "rows": len(plan.frame),
-        "bytes": total,
-        "arrow_bytes": sum(f.stat().st_size for f in (staging / SPLIT).glob("*.arrow")),
+        "bytes": sum(f.stat().st_size for f in parquet),
+        "arrow_bytes": sum(f.stat().st_size for f in arrow),
         "include_dropped": include_dropped,
         "shard_size": budget,
         "shards": [
             {
                 "file": f"data/{f.name}",
+                "arrow": f"{SPLIT}/{a.name}",
                 "digest": d,
                 "rows": stop - start,
                 "bytes": f.stat().st_size,
+                "arrow_bytes": a.stat().st_size,
                 "ids": plan.frame["id"].iloc[start:stop].tolist(),
             }
-            for f, d, (start, stop) in zip(files, plan.shard_digests, plan.bounds, strict=True)
+            for f, a, d, (start, stop) in zip(
+                parquet, arrow, plan.shard_digests, plan.bounds, strict=True
+            )
         ],
     }
+    _dataset_dict_files(staging, arrow, feats, record)
     write_json(staging / EXPORT_JSON, record)
     _readable(staging / EXPORT_JSON)
-    _write_card(
-        staging, _summary(out, plan, record, len(todo), False, t0, reasons), vocab, feats, card
-    )
+    summary = _summary(out, plan, record, len(todo), False, t0, reasons)
+    _write_card(staging, summary, vocab, feats, card)
     _swap_in(staging, out, partial)
-    return _summary(out, plan, record, len(todo), False, t0, reasons)
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +448,8 @@ def _read_export_json(out: Path) -> dict | None:
         return None
     if record.get("format") != FORMAT_VERSION:
         return None
-    if not all((out / s["file"]).is_file() for s in record.get("shards", [])):
+    shards = record.get("shards", [])
+    if not all((out / s["file"]).is_file() and (out / s["arrow"]).is_file() for s in shards):
         return None
     return record
 
@@ -460,17 +467,27 @@ def _load_ledger(partial: Path, out: Path, previous: dict | None) -> dict:
     for stale in (partial / "shards").glob(".*.tmp"):  # a shard being written when killed
         stale.unlink(missing_ok=True)
     for shard in (previous or {}).get("shards", []):
-        target = partial / "shards" / f"{shard['digest']}.parquet"
-        if shard["digest"] not in ledger["shards"] and not target.exists():
-            _link_or_copy(out / shard["file"], target)
-            ledger["shards"][shard["digest"]] = {"rows": shard["rows"], "bytes": shard["bytes"]}
+        digest = shard["digest"]
+        if digest in ledger["shards"]:
+            continue
+        for src, ext in ((shard["file"], "parquet"), (shard["arrow"], "arrow")):
+            target = partial / "shards" / f"{digest}.{ext}"
+            target.unlink(missing_ok=True)
+            _link_or_copy(out / src, target)
+        ledger["shards"][digest] = {"bytes": shard["bytes"], "arrow_bytes": shard["arrow_bytes"]}
     return ledger
 
 
 def _have_shard(shard_dir: Path, ledger: dict, digest: str) -> bool:
+    """A finished shard: both files there, of the sizes the ledger recorded."""
     entry = ledger["shards"].get(digest)
-    path = shard_dir / f"{digest}.parquet"
-    return entry is not None and path.is_file() and path.stat().st_size == entry["bytes"]
+    if entry is None:
+        return False
+    for ext, key in (("parquet", "bytes"), ("arrow", "arrow_bytes")):
+        path = shard_dir / f"{digest}.{ext}"
+        if not path.is_file() or path.stat().st_size != entry[key]:
+            return False
+    return True
 
 
 def _write_shards(
@@ -483,32 +500,42 @@ def _write_shards(
 
     schema = feats.arrow_schema
     include_dropped = "kept" in feats
-    dtype, ignore = mask_dtype(K), ignore_index(K)
+    dtype = mask_dtype(K)
     rows = sum(plan.bounds[k][1] - plan.bounds[k][0] for k in todo)
     with tqdm(total=rows, desc="export (hf)", unit="sample", disable=not progress) as bar:
         for k in todo:
             start, stop = plan.bounds[k]
             digest = plan.shard_digests[k]
-            path = shard_dir / f"{digest}.parquet"
-            with atomic_path(path) as tmp:
-                writer = pq.ParquetWriter(tmp, schema)
+            parquet, arrow = shard_dir / f"{digest}.parquet", shard_dir / f"{digest}.arrow"
+            with atomic_path(parquet) as tmp_parquet, atomic_path(arrow) as tmp_arrow:
+                # PNG bytes neither compress nor repeat: no dictionary pages, sizes as planned
+                pq_writer = pq.ParquetWriter(tmp_parquet, schema, use_dictionary=False)
+                arrow_sink = pa.OSFile(str(tmp_arrow), "wb")
+                arrow_writer = pa.ipc.new_stream(arrow_sink, schema)
                 try:
                     for a, b in _row_groups(plan, start, stop):
                         batch = []
                         for row in plan.frame.iloc[a:b].itertuples(index=False):
-                            record = _fields(row, include_dropped)
-                            record |= _images(row, dtype, ignore)
-                            batch.append(record)
+                            batch.append(_fields(row, include_dropped) | _images(row, dtype))
                             bar.update(1)
-                        writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                        table = pa.Table.from_pylist(batch, schema=schema)
+                        pq_writer.write_table(table)
+                        arrow_writer.write_table(table)
+                        del batch, table
                 finally:
-                    writer.close()
-                _readable(tmp)
-            ledger["shards"][digest] = {"rows": stop - start, "bytes": path.stat().st_size}
+                    pq_writer.close()
+                    arrow_writer.close()
+                    arrow_sink.close()
+                _readable(tmp_parquet)
+                _readable(tmp_arrow)
+            ledger["shards"][digest] = {
+                "bytes": parquet.stat().st_size,
+                "arrow_bytes": arrow.stat().st_size,
+            }
             write_json(partial / LEDGER, ledger)
 
 
-def _images(row, dtype, ignore) -> dict:
+def _images(row, dtype) -> dict:
     """The row's PNG files as Image structs, bytes untouched. An unreadable sample (no mask)
     gets null for images that do not decode; a mask PNG whose bit depth does not fit the
     vocabulary is a DataError."""
@@ -568,38 +595,64 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def _link_shards(plan: _Plan, shard_dir: Path, data_dir: Path) -> list[Path]:
+def _link_shards(plan: _Plan, shard_dir: Path, staging: Path) -> tuple[list[Path], list[Path]]:
+    """The finished shards under their final names: ``data/train-K-of-N.parquet`` and
+    ``train/data-K-of-N.arrow`` (hard links: no copy)."""
     n = len(plan.bounds)
-    files = []
+    parquet, arrow = [], []
     for k, digest in enumerate(plan.shard_digests):
-        target = data_dir / f"{SPLIT}-{k:05d}-of-{n:05d}.parquet"
-        _link_or_copy(shard_dir / f"{digest}.parquet", target)
-        files.append(target)
-    return files
+        parquet.append(staging / "data" / f"{SPLIT}-{k:05d}-of-{n:05d}.parquet")
+        arrow.append(staging / SPLIT / f"data-{k:05d}-of-{n:05d}.arrow")
+        _link_or_copy(shard_dir / f"{digest}.parquet", parquet[-1])
+        _link_or_copy(shard_dir / f"{digest}.arrow", arrow[-1])
+    return parquet, arrow
 
 
-def _save_to_disk(files, feats, out: Path, cache: Path, budget: int, digest: str) -> None:
-    """The shards as a DatasetDict saved to ``out`` (``load_from_disk(out)``), through an Arrow
-    cache in ``cache`` (removed after): both steps stream record batches."""
+def _dataset_dict_files(staging: Path, arrow: list[Path], feats, record: dict) -> None:
+    """The metadata ``DatasetDict.save_to_disk`` writes beside its Arrow files (the split's
+    ``state.json`` and ``dataset_info.json``, ``dataset_dict.json``), then a check that
+    ``datasets`` loads it back with these features and rows."""
     try:
-        from datasets import Dataset, DatasetDict, load_dataset
+        import datasets
     except ImportError:
         raise BackendError(
             "export --format hf needs datasets: pip install 'magicseg[hf]'"
         ) from None
 
-    shutil.rmtree(cache, ignore_errors=True)
-    loaded = load_dataset(
-        "parquet",
-        data_files={SPLIT: [str(f) for f in files]},
+    split_dir = staging / SPLIT
+    state = {
+        "_data_files": [{"filename": f.name} for f in arrow],
+        "_fingerprint": record["digest"][:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": SPLIT,
+    }
+    write_json(split_dir / "state.json", state)
+    splits = datasets.SplitDict()
+    splits.add(
+        datasets.SplitInfo(name=SPLIT, num_bytes=record["arrow_bytes"], num_examples=record["rows"])
+    )
+    info = datasets.DatasetInfo(
         features=feats,
-        cache_dir=str(cache),
-    )[SPLIT]
-    # the fingerprint of a loaded set names its cache path; the export's digest names the data
-    ds = Dataset(loaded.data, info=loaded.info, split=loaded.split, fingerprint=digest[:16])
-    DatasetDict({SPLIT: ds}).save_to_disk(str(out), max_shard_size=budget)
-    del ds, loaded
-    shutil.rmtree(cache, ignore_errors=True)
+        splits=splits,
+        download_size=record["bytes"],
+        dataset_size=record["arrow_bytes"],
+    )
+    info.write_to_directory(str(split_dir), pretty_print=True)
+    write_json(staging / "dataset_dict.json", {"splits": [SPLIT]})
+    for path in (split_dir / "state.json", split_dir / "dataset_info.json"):
+        _readable(path)
+    _readable(staging / "dataset_dict.json")
+
+    loaded = datasets.load_from_disk(str(staging))  # memory-mapped: reads no image
+    if loaded[SPLIT].features != feats or len(loaded[SPLIT]) != record["rows"]:
+        raise BackendError(
+            f"datasets {datasets.__version__} reads the saved DatasetDict back differently: "
+            "report this with the datasets version"
+        )
+    del loaded
 
 
 def _write_card(out: Path, summary: HFExport, vocab, feats, run) -> None:
