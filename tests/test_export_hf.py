@@ -394,6 +394,8 @@ def test_a_killed_export_resumes_to_the_same_bytes(run, exported, tmp_path, monk
     assert len(done) == 2  # two shards finished before the kill, none half-written
     assert not list((partial / "shards").glob(".*.tmp"))
     inodes = {p.name: p.stat().st_ino for p in (partial / "shards").glob("*.parquet")}
+    # what a SIGKILL mid-write leaves: a temporary file, removed by the resume
+    (partial / "shards/.0123.parquet.abc.tmp").write_bytes(b"half a shard")
 
     res = _export(run, out)
     total = len(list((exported / "data").glob("*.parquet")))

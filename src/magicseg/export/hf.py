@@ -33,6 +33,7 @@ date: only its card is refreshed.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -40,15 +41,18 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from magicseg.errors import BackendError, ConfigError, DataError
 from magicseg.io import atomic_path, mask_dtype, read_json, read_manifest, write_json
 from magicseg.vocabulary import Vocabulary
+
+if TYPE_CHECKING:
+    from magicseg.export.card import RunInfo
 
 FORMAT_VERSION = 1
 SPLIT = "train"
@@ -139,7 +143,6 @@ class HFExport:
     up_to_date: bool
     seconds: float
     arrow_bytes: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,7 +182,7 @@ def export_hf(
     label_dir: str | Path | None = None,
     include_dropped: bool = False,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
-    card: Any = None,
+    card: RunInfo | None = None,
     progress: bool = True,
 ) -> HFExport:
     """Export the kept samples of ``filter_dir`` (all samples of ``label_dir`` with a ``kept``
@@ -192,21 +195,22 @@ def export_hf(
     """
     # 1. Inputs, checked before work.
     t0 = time.perf_counter()
+    if importlib.util.find_spec("datasets") is None:
+        raise BackendError("export --format hf needs datasets: pip install 'magicseg[hf]'")
     budget = parse_size(shard_size)
     out = Path(out)
     _check_out(out)
     vocab = Vocabulary.from_frame(read_manifest(vocab_dir))
-    frame, decisions = _rows(filter_dir, generate_dir, label_dir, include_dropped, len(vocab))
+    frame, _ = _rows(filter_dir, generate_dir, label_dir, include_dropped, len(vocab))
     feats = features(vocab, include_dropped)
 
     # 2. Plan: a digest per sample, shard boundaries by size.
     plan = _plan(frame, feats, budget)
 
     # 3. Up to date? Then only the card is refreshed.
-    reasons = _reason_counts(decisions)
     previous = _read_export_json(out)
     if previous is not None and previous.get("digest") == plan.digest:
-        summary = _summary(out, plan, previous, 0, True, t0, reasons)
+        summary = _summary(out, plan, previous, 0, True, t0)
         _write_card(out, summary, vocab, feats, card)
         shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)  # any stale one
         return summary
@@ -249,7 +253,7 @@ def export_hf(
     _dataset_dict_files(staging, arrow, feats, record)
     write_json(staging / EXPORT_JSON, record)
     _readable(staging / EXPORT_JSON)
-    summary = _summary(out, plan, record, len(todo), False, t0, reasons)
+    summary = _summary(out, plan, record, len(todo), False, t0)
     _write_card(staging, summary, vocab, feats, card)
     _swap_in(staging, out, partial)
     return summary
@@ -336,12 +340,6 @@ def _absolute(root: Path, rel) -> str | None:
     if rel is None or (isinstance(rel, float) and math.isnan(rel)):
         return None
     return os.path.normpath(os.path.join(root, rel))
-
-
-def _reason_counts(decisions: pd.DataFrame) -> dict[str, int]:
-    """Drops per first reason, over every sample the filter saw."""
-    counts = decisions.loc[~decisions["kept"], "reason"].value_counts()
-    return {str(k): int(v) for k, v in counts.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,12 +665,13 @@ def _write_card(out: Path, summary: HFExport, vocab, feats, run) -> None:
 def _swap_in(staging: Path, out: Path, partial: Path) -> None:
     """Replace ``out`` by ``staging``; the partial directory (old export, shards) goes."""
     if out.exists():
+        shutil.rmtree(partial / "old", ignore_errors=True)  # left by a swap that was killed
         os.replace(out, partial / "old")
     os.replace(staging, out)
     shutil.rmtree(partial, ignore_errors=True)
 
 
-def _summary(out, plan: _Plan, record: dict, written, up_to_date, t0, reasons) -> HFExport:
+def _summary(out, plan: _Plan, record: dict, written, up_to_date, t0) -> HFExport:
     return HFExport(
         out=Path(out),
         rows=len(plan.frame),
@@ -683,7 +682,6 @@ def _summary(out, plan: _Plan, record: dict, written, up_to_date, t0, reasons) -
         up_to_date=up_to_date,
         seconds=round(time.perf_counter() - t0, 2),
         arrow_bytes=int(record.get("arrow_bytes", 0)),
-        reasons=reasons,
     )
 
 
