@@ -1,4 +1,5 @@
-"""The ``magicseg`` command line: ``predict`` with a trained checkpoint, ``info`` on this setup.
+"""The ``magicseg`` command line: ``predict`` with a trained checkpoint, ``info`` on this setup,
+``export`` of the kept dataset (COCO JSON, Hugging Face datasets).
 
 User errors (:class:`magicseg.core.errors.MagicsegError`) print one line and exit with status 2.
 """
@@ -128,22 +129,120 @@ def info(
     )
 
 
+HF_ONLY = (
+    "generated",
+    "labels",
+    "params",
+    "metrics",
+    "lock",
+    "include_dropped",
+    "shard_size",
+    "push_to_hub",
+    "private",
+)
+
+
 @app.command()
 @user_errors
 def export(
-    filtered: Path = typer.Option(Path("data/filter"), help="filter stage output"),
-    vocab: Path = typer.Option(Path("data/vocabulary"), help="vocabulary stage output"),
-    out: Path = typer.Option(Path("export/coco.json"), help="output JSON"),
-    fmt: str = typer.Option("coco", "--format", help="export format (coco)"),
+    ctx: typer.Context,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="coco: COCO JSON with RLE masks; hf: a Hugging Face dataset (Parquet shards, "
+            "a DatasetDict saved to disk, a dataset card).",
+        ),
+    ] = "coco",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="A JSON file (coco; export/coco.json) or a directory (hf; export/hf)."),
+    ] = None,
+    filtered: Annotated[Path, typer.Option(help="filter stage output")] = Path("data/filter"),
+    vocab: Annotated[Path, typer.Option(help="vocabulary stage output")] = Path("data/vocabulary"),
+    generated: Annotated[
+        Path, typer.Option(help="hf: generate stage output (counterfactual prompts, seeds)")
+    ] = Path("data/generate"),
+    labels: Annotated[
+        Path, typer.Option(help="hf: label stage output (the dropped samples)")
+    ] = Path("data/label"),
+    params: Annotated[
+        Path, typer.Option(help="hf: the params the data was made with (card provenance)")
+    ] = Path("params.yaml"),
+    metrics: Annotated[
+        Path, typer.Option(help="hf: the run's metrics/*.json (card figures)")
+    ] = Path("metrics"),
+    lock: Annotated[Path, typer.Option(help="hf: dvc.lock (md5s of the data)")] = Path("dvc.lock"),
+    include_dropped: Annotated[
+        bool, typer.Option(help="hf: also the dropped samples, with a `kept` column")
+    ] = False,
+    shard_size: Annotated[
+        str, typer.Option(help="hf: largest Parquet shard (500MB, 64KiB, ...)")
+    ] = "500MB",
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(help="hf: push to this hub dataset repo ('org/name'); needs a token"),
+    ] = None,
+    private: Annotated[bool, typer.Option(help="hf: make the pushed repo private")] = False,
 ) -> None:
-    """Export the kept dataset for other toolkits (COCO JSON with RLE masks)."""
-    from magicseg.core.errors import ConfigError
-    from magicseg.export import export_coco
+    """Export the kept dataset for other toolkits: COCO JSON (RLE masks) or a Hugging Face
+    dataset with its card (optionally pushed to the hub)."""
+    # 1. Options that do not apply, checked before any work.
+    if fmt not in ("coco", "hf"):
+        raise ConfigError(f"--format: unknown format {fmt!r} (available: coco, hf)")
+    given = [  # by name: typer may vendor its own click
+        n
+        for n in HF_ONLY
+        if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+    ]
+    if fmt == "coco" and given:
+        raise ConfigError(f"--{given[0].replace('_', '-')}: applies to --format hf only")
+    if private and push_to_hub is None:
+        raise ConfigError("--private: applies to --push-to-hub only")
 
-    if fmt != "coco":
-        raise ConfigError(f"--format: unknown format {fmt!r} (available: coco)")
-    n = export_coco(filtered, vocab, out)
-    typer.echo(f"export: {n['images']} images, {n['annotations']} annotations -> {out}")
+    if fmt == "coco":
+        from magicseg.export.coco import export_coco
+
+        out = out or Path("export/coco.json")
+        n = export_coco(filtered, vocab, out)
+        typer.echo(f"export: {n['images']} images, {n['annotations']} annotations -> {out}")
+        return
+
+    # 2. hf: the size, the hub and the provenance, checked before the export's work.
+    from magicseg.export.card import collect_run_info, data_backends
+    from magicseg.export.hf import export_hf, parse_size
+    from magicseg.export.push import check_push, push_export
+
+    out = out or Path("export/hf")
+    budget = parse_size(shard_size)
+    token = check_push(push_to_hub) if push_to_hub else None
+    run = collect_run_info(
+        params, metrics, lock, data_backends(generated, labels), repo_id=push_to_hub
+    )
+
+    # 3. The export, then the push.
+    res = export_hf(
+        filtered,
+        vocab,
+        generated,
+        out,
+        label_dir=labels,
+        include_dropped=include_dropped,
+        shard_size=budget,
+        card=run,
+    )
+    state = (
+        "up to date, card refreshed"
+        if res.up_to_date
+        else f"{res.written} shard(s) written, {res.shards - res.written} reused"
+    )
+    typer.echo(
+        f"export: {res.rows} samples ({res.kept} kept) in {res.shards} Parquet shard(s), "
+        f"{res.bytes / 1e6:.1f} MB -> {out} ({state}; {res.seconds:.1f} s)"
+    )
+    if push_to_hub:
+        url = push_export(out, push_to_hub, private, token)
+        typer.echo(f"pushed to {push_to_hub}: {url}")
 
 
 if __name__ == "__main__":
