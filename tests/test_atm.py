@@ -271,6 +271,18 @@ def test_zegclip_vpt_embeddings_and_prompt_dropout(clip_dir, clip_text):
         assert torch.equal(zeg.embed_images(images), zeg.embed_images(images))
 
 
+def test_imagenet_normalisation_is_kept_in_the_checkpoint_config(clip_dir, clip_text):
+    clip_norm, _ = _model(clip_dir, clip_text.dim)
+    imagenet, params = _model(clip_dir, clip_text.dim, image_norm="imagenet")
+    assert model_config(params)["image_norm"] == "imagenet"
+    mean, std = imagenet.encoder.mean.flatten().tolist(), imagenet.encoder.std.flatten().tolist()
+    assert mean == pytest.approx([123.675 / 255, 116.28 / 255, 103.53 / 255])
+    assert std == pytest.approx([58.395 / 255, 57.12 / 255, 57.375 / 255])
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(clip_norm.embed_images(images), imagenet.embed_images(images))
+
+
 def test_refused_configurations(tmp_path, clip_dir, clip_text):
     with pytest.raises(ConfigError, match="train.clip.decoder_dim: .* text dim 16"):
         _model(clip_dir, clip_text.dim, decoder_dim=32, decoder_heads=2)
@@ -397,3 +409,21 @@ def test_number_of_masks_is_averaged_over_processes(tmp_path):
     # per-process counts would not give it
     halves = [seg_loss_plus(masks[i : i + 2], target[i : i + 2], 100, 1).item() for i in (0, 2)]
     assert np.mean(halves) != pytest.approx(full, rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_atm_fit_on_gpu_bf16(tmp_path, tiny_data, clip_text, clip_dir):
+    vocab_dir, filter_dir, vocab = tiny_data
+    clip = ATM | {"vpt_style": "zegclip"}
+    params = tiny_clip_params(clip_dir, steps=3, device="cuda", clip=clip)
+    history: list[float] = []
+    m = fit(filter_dir, vocab_dir, params, 0, tmp_path, None, clip_text, history=history)
+    assert m["steps"] == 3 and all(np.isfinite(history))
+    ckpt = load_checkpoint(tmp_path / "model.pt", text_encoder=clip_text)
+    images = torch.rand(2, 3, 32, 32)
+    feats = clip_text.encode(list(vocab.names[:4]))
+    with torch.no_grad():
+        cpu = ckpt.model(images, feats).logits
+        gpu = ckpt.model.cuda()(images.cuda(), feats.cuda()).logits.cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)

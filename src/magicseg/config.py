@@ -239,6 +239,10 @@ class ClipModelParams(Section):
     trainable Linear and dropout 0.1, a trainable LayerNorm on the last layer's tokens, positions
     bilinearly interpolated, the CLS token with the class embedding added twice, as written).
     Both put prompts before every layer (the published ``total_d_layer: 11`` = 1 + 11 layers)."""
+    image_norm: Literal["model", "imagenet"] = "model"
+    """Input normalisation: ``model`` (the tower's own statistics: CLIP's, or SigLIP's) or
+    ``imagenet`` (mean 0.485/0.456/0.406, std 0.229/0.224/0.225: the published ``img_norm_cfg``,
+    which the published code applies to CLIP). Stored in the checkpoint, used at inference."""
     decoder: Literal["query", "atm"] = "query"
     """Decoder head: ``query`` (class queries + a learned background query, self- and
     cross-attention, Mask2Former-style mask embedding) or ``atm`` (the published ZegCLIP ATM

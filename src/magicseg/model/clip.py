@@ -45,6 +45,10 @@ from magicseg.model.base import SegmenterOutput
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""``image_norm: imagenet``: the published mmseg ``img_norm_cfg`` (123.675/255, ... ), which
+the published code applies to CLIP in place of CLIP's own statistics."""
 LOSS_STRIDE = 4
 """Default ``train.clip.loss_stride``: the segmentation loss at 1/4 of the input resolution
 (memory with K = 100)."""
@@ -126,6 +130,9 @@ class PromptedViT(nn.Module):
     - the CLS token's input is class embedding + position 0 + class embedding (the published
       code adds the class embedding twice; kept as written).
 
+    ``image_norm``: ``model`` normalises the [0, 1] input with the tower's own statistics,
+    ``imagenet`` with ImageNet's (the published ``img_norm_cfg``).
+
     The published ``drop_path_rate: 0.1`` is not reproduced: its blocks build DropPath modules
     that their forward never calls (upstream ZegCLIP ``models/backbone/utils.py``), so the
     published backbone has no stochastic depth either.
@@ -137,6 +144,7 @@ class PromptedViT(nn.Module):
         vpt_tokens: int,
         style: str = "plain",
         resolution: int | None = None,
+        image_norm: str = "model",
     ) -> None:
         super().__init__()
         vision, projection = load_vision_tower(source)
@@ -159,6 +167,12 @@ class PromptedViT(nn.Module):
         mean, std = CLIP_MEAN, CLIP_STD
         if not self.has_cls:  # SigLIP normalises to [-1, 1]
             mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        if image_norm == "imagenet":
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        elif image_norm != "model":
+            raise ConfigError(
+                f"train.clip.image_norm: unknown {image_norm!r} (allowed: model, imagenet)"
+            )
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.style = style
@@ -269,6 +283,7 @@ class ClipSegmenter(nn.Module):
         dice_weight: float = 1.0,
         decoder: str = "query",
         vpt_style: str = "plain",
+        image_norm: str = "model",
         crop: int | None = None,
         deep_supervision: bool = True,
         loss_stride: int = LOSS_STRIDE,
@@ -294,7 +309,7 @@ class ClipSegmenter(nn.Module):
         self.deep_supervision = deep_supervision
         self.loss_stride = loss_stride
         # 2. The prompted vision tower.
-        self.encoder = PromptedViT(source, vpt_tokens, vpt_style, crop)
+        self.encoder = PromptedViT(source, vpt_tokens, vpt_style, crop, image_norm)
         d = decoder_dim
         # 3. The decoder.
         if decoder == "atm":
