@@ -242,12 +242,33 @@ class ClipModelParams(Section):
     checkpoint: str = "openai/clip-vit-base-patch16"
     """CLIP (or SigLIP) checkpoint: hub id or local directory; its vision tower is frozen."""
     vpt_tokens: int = Field(10, ge=0)
+    vpt_style: Literal["plain", "zegclip"] = "plain"
+    """Deep visual prompts: ``plain`` (learned tokens inserted as they are, HF position
+    interpolation) or ``zegclip`` (the published backbone's forward: prompts through a shared
+    trainable Linear and dropout 0.1, a trainable LayerNorm on the last layer's tokens, positions
+    bilinearly interpolated, the CLS token with the class embedding added twice, as written).
+    Both put prompts before every layer (the published ``total_d_layer: 11`` = 1 + 11 layers)."""
+    image_norm: Literal["model", "imagenet"] = "model"
+    """Input normalisation: ``model`` (the tower's own statistics: CLIP's, or SigLIP's) or
+    ``imagenet`` (mean 0.485/0.456/0.406, std 0.229/0.224/0.225: the published ``img_norm_cfg``,
+    which the published code applies to CLIP). Stored in the checkpoint, used at inference."""
+    decoder: Literal["query", "atm"] = "query"
+    """Decoder head: ``query`` (class queries + a learned background query, self- and
+    cross-attention, Mask2Former-style mask embedding) or ``atm`` (the published ZegCLIP ATM
+    decoder: queries from the class text x CLS relationship descriptor, masks = the last layer's
+    cross-attention logits over the patch tokens, SegLossPlus; ``decoder_dim`` must equal
+    CLIP's joint dim, background = no class mask fires). See ``magicseg.model.atm``."""
     decoder_layers: int = Field(3, ge=1)
     decoder_heads: int = Field(8, ge=1)
     decoder_dim: int = Field(512, ge=8)
+    deep_supervision: bool = True
+    """Mask loss on every decoder layer (true) or on the last one only (the published ATM)."""
     crop: int = Field(512, ge=32)
     focal_weight: float = Field(100.0, ge=0)
     dice_weight: float = Field(1.0, ge=0)
+    loss_stride: int = Field(4, ge=1)
+    """The mask loss is computed at 1/``loss_stride`` of the crop (target nearest-downsampled);
+    1 = full resolution, as published (memory grows with the square of it)."""
     lr_multiplier: float = Field(10.0, gt=0)
     warmup: int = Field(1500, ge=0)
     templates: Literal["zegclip15", "single"] = "zegclip15"

@@ -48,6 +48,12 @@ def _clip(config: dict, text_dim: int):
         text_dim,
         cfg.focal_weight,
         cfg.dice_weight,
+        decoder=cfg.decoder,
+        vpt_style=cfg.vpt_style,
+        image_norm=cfg.image_norm,
+        crop=cfg.crop,
+        deep_supervision=cfg.deep_supervision,
+        loss_stride=cfg.loss_stride,
     )
 
 
