@@ -1,5 +1,6 @@
 """The ``magicseg`` command line: ``predict`` with a trained checkpoint, ``info`` on this setup,
-``export`` of the kept dataset (COCO JSON, Hugging Face datasets).
+``check`` (the pre-flight of a params file), ``export`` of the kept dataset (COCO JSON, Hugging
+Face datasets).
 
 User errors (:class:`magicseg.core.errors.MagicsegError`) print one line and exit with status 2.
 """
@@ -127,6 +128,26 @@ def info(
         "models available offline: "
         + ", ".join(f"{k} ({'yes' if v else 'no'})" for k, v in sorted(offline.items()))
     )
+
+
+@app.command()
+@user_errors
+def check(
+    params: Annotated[Path, typer.Option(help="The composed params to check.")] = Path(
+        "params.yaml"
+    ),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the LLM endpoint.")] = 10.0,
+) -> None:
+    """Pre-flight of PARAMS before a long run: every model reference, the LLM endpoint and
+    its key, every enabled benchmark root and layout, free disk for the planned dataset, a GPU
+    where a model stage runs (with a training-time estimate). One line per check (ok, warning,
+    error); exit status 2 if any failed. The `check` stage of dvc.yaml runs the same."""
+    from magicseg.core.config import load_params
+    from magicseg.preflight import preflight
+
+    checks = preflight(load_params(params), echo=typer.echo, timeout=timeout)
+    warnings = sum(c.status == "warning" for c in checks)
+    typer.echo(f"check: passed ({len(checks)} checks, {warnings} warnings)")
 
 
 HF_ONLY = (
