@@ -205,7 +205,7 @@ def test_grounded_sam_columns_uint16_masks_and_the_filters_reasons(paper):
     decisions = pd.read_parquet(paper.root / "data/filter/decisions.parquet")
     assert len(decisions) == made and decisions["kept"].any() and not decisions["kept"].all()
     dropped = decisions[~decisions["kept"]]
-    assert all(r and set(r) <= set(REASONS) for r in dropped["reasons"])
+    assert all(len(r) and set(r) <= set(REASONS) for r in dropped["reasons"])
     assert dropped["reason"].tolist() == [r[0] for r in dropped["reasons"]]
     assert any("cf_detected" in r for r in dropped["reasons"])  # the counterfactual check
     kept = pd.read_parquet(paper.root / "data/filter/manifest.parquet")

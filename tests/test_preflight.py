@@ -358,3 +358,16 @@ def test_check_stage_script(tmp_path):
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "r/report.json").read_text()) == report()
+
+
+def test_magicseg_check_composes_overrides_like_dvc_exp_run(tmp_path):
+    conf = ["--conf", str(ROOT / "conf")]
+    res = CliRunner().invoke(
+        app, ["check", *conf, "-S", "vocabulary.source=file", "-S", "vocabulary.file=nope.txt"]
+    )
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines()[-1] == "error: vocabulary.file: nope.txt does not exist"
+    res = CliRunner().invoke(app, ["check", *conf, "-S", "profile=paper", "-S", "train.stepz=3"])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        "error: -S: cannot compose profile=paper train.stepz=3 (Could not override 'train.stepz'.)"
+    ]

@@ -44,9 +44,9 @@ Status = Literal["ok", "warning", "error"]
 PNG_RATIO = 0.6
 """Bytes of a generated RGB image's PNG per raw byte (photographic content compresses
 little; Stable Diffusion images at 512 px are about 0.4-0.5 MB)."""
-COPIES = 3
-"""Copies of the images a run keeps: the stage outputs, the per-sample cache
-(``.cache/magicseg``) and the DVC cache (fewer where DVC can link or reflink)."""
+COPIES = 2
+"""Copies of the images a run keeps: the per-sample cache (``.cache/magicseg``, hard-linked
+into the stage outputs) and the DVC cache (a copy unless DVC links: ``cache.type``)."""
 CPU_TRAIN_WARNING_S = 600.0
 """A clip training whose lower bound on a CPU exceeds this many seconds is a warning."""
 CLEARED = ("prompts", "generate", "label", "filter", "train", "evaluate")
@@ -230,12 +230,12 @@ def check_disk(p: Params, where: str | Path = ".") -> Check:
     free = shutil.disk_usage(path).free
     pairs = p.prompts.requests * p.prompts.per_request
     size = f"{pairs} pairs at {p.generate.height}x{p.generate.width}"
-    need = f"about {_gb(one)} per copy, {_gb(COPIES * one)} with the per-sample and DVC caches"
+    need = f"about {_gb(one)} per copy, {_gb(COPIES * one)} with the DVC cache's"
     if free < one:
         status: Status = "error"
         tail = ": free space or lower prompts.requests"
     elif free < COPIES * one:
-        status, tail = "warning", " (fewer copies where DVC links: dvc config cache.type)"
+        status, tail = "warning", " (one copy where DVC links: dvc config cache.type)"
     else:
         status, tail = "ok", ""
     return Check(status, "disk", f"{_gb(free)} free at {path}; {size} need {need}{tail}", True)
