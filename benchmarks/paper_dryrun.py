@@ -64,6 +64,8 @@ NEEDS = ("torch", "transformers", "diffusers", "accelerate", "pydantic", "numpy"
 # --------------------------------------------------------------------------------------------
 ARCHS: dict[str, dict] = {
     "paper": {
+        "names": {"sd": "SD 1.5", "gdino": "Grounding DINO Swin-T", "sam": "SAM ViT-H",
+                  "clip": "CLIP ViT-B/16"},
         "image": 512,
         "unet": {"block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
                  "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -85,6 +87,8 @@ ARCHS: dict[str, dict] = {
         "crop": 512,
     },
     "tiny": {
+        "names": {"sd": "tiny SD", "gdino": "tiny Grounding DINO", "sam": "tiny SAM",
+                  "clip": "tiny CLIP"},
         "image": 64,
         "unet": {"block_out_channels": (32, 64), "layers_per_block": 1,
                  "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -219,6 +223,35 @@ def timed(stage: Stage, part: str, device) -> Iterator[None]:
         print(f"  {stage.name} {part}: {stage.seconds[part][-1]:.1f}s", flush=True)
 
 
+@contextmanager
+def module_clock(module, device) -> Iterator[list[float]]:
+    """Seconds of each of ``module``'s forward calls (synchronised on CUDA), appended to the
+    yielded list."""
+    import torch
+
+    calls: list[float] = []
+    start: list[float] = []
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def before(*_: object) -> None:
+        sync()
+        start.append(time.perf_counter())
+
+    def after(*_: object) -> None:
+        sync()
+        calls.append(time.perf_counter() - start.pop())
+
+    hooks = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def count(module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
@@ -297,45 +330,53 @@ def load_tokenizer(directory: Path, max_length: int, text_inputs_only: bool = Fa
 # --------------------------------------------------------------------------------------------
 # builders (random weights, on the target device)
 # --------------------------------------------------------------------------------------------
-def build_sd(arch: dict, tokenizer, device, dtype):
-    """A StableDiffusionPipeline of the SD 1.5 layout, random weights, SD 1.5's scheduler."""
+def sd_models(arch: dict, device) -> dict:
+    """SD 1.5's UNet, VAE and text encoder (layout of ``arch``), random weights on ``device``
+    (``meta`` builds them without memory)."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    px = arch["image"]
-    vae_cfg = arch["vae"]
-    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    px, vae = arch["image"], arch["vae"]
+    levels = len(vae["block_out_channels"])
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(sample_size=px // factor, norm_num_groups=32, **arch["unet"])
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * len(vae_cfg["block_out_channels"]),
-            up_block_types=("UpDecoderBlock2D",) * len(vae_cfg["block_out_channels"]),
-            latent_channels=4, norm_num_groups=32, sample_size=px, **vae_cfg,
-        )  # fmt: skip
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=CLIP_VOCAB,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                bos_token_id=101,
-                eos_token_id=102,
-                pad_token_id=0,
-                **arch["sd_text"],
-            )  # fmt: skip
-        )
+        return {
+            "unet": UNet2DConditionModel(
+                sample_size=px // 2 ** (levels - 1), norm_num_groups=32, **arch["unet"]
+            ),
+            "vae": AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * levels,
+                up_block_types=("UpDecoderBlock2D",) * levels,
+                latent_channels=4,
+                norm_num_groups=32,
+                sample_size=px,
+                **vae,
+            ),  # fmt: skip
+            "text_encoder": CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=CLIP_VOCAB,
+                    max_position_embeddings=77,
+                    hidden_act="quick_gelu",
+                    bos_token_id=101,
+                    eos_token_id=102,
+                    pad_token_id=0,
+                    **arch["sd_text"],
+                )  # fmt: skip
+            ).eval(),
+        }
+
+
+def build_sd(arch: dict, tokenizer, device, dtype):
+    """A StableDiffusionPipeline of the SD 1.5 layout, random weights, SD 1.5's scheduler."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
         steps_offset=1, set_alpha_to_one=False,
     )  # fmt: skip
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        **sd_models(arch, device), tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     return pipe.to(device=device, dtype=dtype)
@@ -351,38 +392,48 @@ def _pil_processor(module: str, name: str):
         return getattr(importlib.import_module("transformers"), name)
 
 
-def build_grounded_sam(arch: dict, tokenizer, device, dtype) -> tuple:
-    """(Grounding DINO, its processor, SAM, its processor): random weights, eval, on device."""
+def grounded_sam_models(arch: dict, device) -> tuple:
+    """(Grounding DINO, SAM) of ``arch``'s layout, random weights on ``device``."""
     import torch
     from transformers import (
         BertConfig,
         GroundingDinoConfig,
         GroundingDinoForObjectDetection,
-        GroundingDinoProcessor,
         SamConfig,
         SamModel,
-        SamProcessor,
         SwinConfig,
     )
 
-    gd_proc_cls = _pil_processor(
-        "grounding_dino.image_processing_pil_grounding_dino", "GroundingDinoImageProcessor"
-    )
-    sam_proc_cls = _pil_processor("sam.image_processing_pil_sam", "SamImageProcessor")
     g = dict(arch["gdino"])
-    torch.manual_seed(0)
+    g.pop("px", None)
     if g:
-        px = g.pop("px")
         config = GroundingDinoConfig(
             backbone_config=SwinConfig(**g.pop("backbone")),
             text_config=BertConfig(vocab_size=BERT_VOCAB, **g.pop("text")),
             max_text_len=256,
             **g,
         )
-        gd_image = gd_proc_cls(size={"shortest_edge": px, "longest_edge": px * 5 // 4})
     else:
         config = GroundingDinoConfig(max_text_len=256)
-        gd_image = gd_proc_cls()
+    torch.manual_seed(0)
+    with torch.device(device):
+        return GroundingDinoForObjectDetection(config), SamModel(SamConfig(**arch["sam"]))
+
+
+def build_grounded_sam(arch: dict, tokenizer, device, dtype) -> tuple:
+    """(Grounding DINO, its processor, SAM, its processor): random weights, eval, on device."""
+    from transformers import GroundingDinoProcessor, SamProcessor
+
+    gd_proc_cls = _pil_processor(
+        "grounding_dino.image_processing_pil_grounding_dino", "GroundingDinoImageProcessor"
+    )
+    sam_proc_cls = _pil_processor("sam.image_processing_pil_sam", "SamImageProcessor")
+    px = arch["gdino"].get("px")
+    gd_image = (
+        gd_proc_cls(size={"shortest_edge": px, "longest_edge": px * 5 // 4})
+        if px
+        else gd_proc_cls()
+    )
     px = arch["sam_px"]
     sam_image = sam_proc_cls(
         size={"longest_edge": px},
@@ -390,9 +441,7 @@ def build_grounded_sam(arch: dict, tokenizer, device, dtype) -> tuple:
         mask_size={"longest_edge": px // 4},
         mask_pad_size={"height": px // 4, "width": px // 4},
     )
-    with torch.device(device):
-        det = GroundingDinoForObjectDetection(config)
-        sam = SamModel(SamConfig(**arch["sam"]))
+    det, sam = grounded_sam_models(arch, device)
     return (
         det.to(dtype).eval(),
         GroundingDinoProcessor(image_processor=gd_image, tokenizer=tokenizer),
@@ -401,9 +450,8 @@ def build_grounded_sam(arch: dict, tokenizer, device, dtype) -> tuple:
     )
 
 
-def write_clip(arch: dict, tokenizer, directory: Path) -> Path:
-    """A random CLIP (ViT-B/16 layout) and the tokenizer, saved as a checkpoint directory that
-    the training code loads by path like a hub id."""
+def clip_model(arch: dict, device="cpu"):
+    """A random ``CLIPModel`` (ViT-B/16 layout for ``paper``) on ``device``."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -416,7 +464,14 @@ def write_clip(arch: dict, tokenizer, directory: Path) -> Path:
         projection_dim=arch["clip_projection"],
     )  # fmt: skip
     torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(directory)
+    with torch.device(device):
+        return CLIPModel(cfg)
+
+
+def write_clip(arch: dict, tokenizer, directory: Path) -> Path:
+    """A random CLIP and the tokenizer, saved as a checkpoint directory that the training code
+    loads by path like a hub id."""
+    clip_model(arch).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -455,8 +510,14 @@ def make_records(params, vocab, n: int) -> list:
     return out
 
 
-def run_generate_stage(args, arch, params, records, tokenizer, device) -> tuple[Stage, list]:
-    """Build SD 1.5 and paint the records' pairs through ``DiffusersPairGenerator``."""
+def run_generate_stage(
+    args, arch, params, records, tokenizer, device, profile_steps: int
+) -> tuple[Stage, list]:
+    """Build SD 1.5 and paint the records' pairs through ``DiffusersPairGenerator``. The time
+    inside the UNet is clocked too, so a run with fewer steps than the profile's
+    (``profile_steps``) extrapolates to it: run + (profile - run steps) x UNet s per step."""
+    import numpy as np
+
     from magicseg.generate.diffusers_backend import DiffusersPairGenerator, resolve_dtype
 
     stage = Stage("generate")
@@ -468,14 +529,22 @@ def run_generate_stage(args, arch, params, records, tokenizer, device) -> tuple[
     stage.params = {"unet": count(pipe.unet), "vae": count(pipe.vae),
                     "text_encoder": count(pipe.text_encoder)}  # fmt: skip
     for _ in range(args.repeats):
-        with timed(stage, "run", device):
+        with timed(stage, "run", device), module_clock(pipe.unet, device) as calls:
             pairs = gen.generate(records)
     meta = pairs[0].meta
+    steps = meta["steps"]
+    # a UNet call at steady state: the median without the first (kernel selection, warm-up)
+    per_call = float(np.median(calls[1:] if len(calls) > 1 else calls))
     stage.facts = {
         "pairs": len(records), "size": [params.generate.height, params.generate.width],
-        "steps": meta["steps"], "scheduler": meta["scheduler"], "dtype": meta["dtype"],
+        "steps": steps, "scheduler": meta["scheduler"], "dtype": meta["dtype"],
         "images_per_call": meta["images_per_call"],
         "counterfactual_mode": meta["counterfactual_mode"],
+        "unet_calls": len(calls), "unet_s": round(sum(calls), 3),
+        "unet_call_s": round(per_call, 4), "profile_steps": profile_steps,
+        "run_at_profile_steps_s": round(
+            stage.best("run") + (profile_steps - steps) * len(calls) / steps * per_call, 3
+        ),
     }  # fmt: skip
     if meta["counterfactual_mode"] == "inpaint":
         stage.facts["cf_region_fraction"] = [p.meta["cf_region_fraction"] for p in pairs]
@@ -656,15 +725,16 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. The paper profile, and the overrides a dry run needs (printed).
     raw = paper_params()
     full = parse_params(raw, "paper profile")
+    names = arch["names"]
     overrides: dict[str, object] = {
-        "generate.diffusers.model": "<random SD 1.5 layout>",
+        "generate.diffusers.model": f"<random {names['sd']}>",
         "generate.diffusers.device": device.type,
-        "label.grounded_sam.detector": "<random Grounding DINO Swin-T>",
-        "label.grounded_sam.segmenter": "<random SAM ViT-H>",
+        "label.grounded_sam.detector": f"<random {names['gdino']}>",
+        "label.grounded_sam.segmenter": f"<random {names['sam']}>",
         "label.grounded_sam.device": device.type,
         "label.grounded_sam.box_threshold": 0.0,
         "label.grounded_sam.text_threshold": 0.0,
-        "train.clip.model": "<random CLIP ViT-B/16, saved to a temporary directory>",
+        "train.clip.model": f"<random {names['clip']}, saved to a temporary directory>",
         "train.device": device.type,
     }
     if args.steps or not gpu:
@@ -676,8 +746,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.counterfactual_mode:
         overrides["generate.diffusers.counterfactual_mode"] = args.counterfactual_mode
     if args.tiny:
-        overrides |= {"generate.height": arch["image"], "generate.width": arch["image"],
-                      "train.clip.crop": arch["crop"]}  # fmt: skip
+        overrides |= {
+            "generate.height": arch["image"],
+            "generate.width": arch["image"],
+            "train.clip.crop": arch["crop"],
+            "train.clip.templates": "single",  # 1203 texts, not 15 x 1203: seconds, not a minute
+        }
     tmp_dir = tempfile.TemporaryDirectory(prefix="magicseg-dryrun-")
     tmp = Path(tmp_dir.name)
     data = json.loads(json.dumps(raw))
@@ -715,7 +789,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise RuntimeError(f"synthetic tokenizer: {unk} unknown tokens")
 
     # 4. The stages, one at a time (each one's models freed before the next).
-    gen_stage, pairs = run_generate_stage(args, arch, params, records, tok_clip, device)
+    gen_stage, pairs = run_generate_stage(
+        args, arch, params, records, tok_clip, device, full.generate.diffusers.steps
+    )
     label_stage, results = run_label_stage(
         args, arch, params, records, pairs, tok_bert, vocab, device
     )
@@ -731,7 +807,7 @@ def main(argv: list[str] | None = None) -> dict:
     pairs_total = full.prompts.requests * full.prompts.per_request
     n = len(records)
     hours = {
-        "generate": pairs_total * gen_stage.best("run") / n / 3600,
+        "generate": pairs_total * gen_stage.facts["run_at_profile_steps_s"] / n / 3600,
         "label": pairs_total * label_stage.best("run") / n / 3600,
         "train": (
             full.train.steps
@@ -775,11 +851,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(report: dict, gpu: bool) -> None:
+    """The per-stage table and how each stage was extrapolated to the paper's run."""
     unit = "GPU-h" if gpu else "CPU-h"
+    stages = report["stages"]
     print(f"\n{report['device']}, {report['sizes']} sizes, torch {report['torch']}")
     head = f"{'stage':9s} {'build s':>8s} {'run s':>14s} {'peak RSS':>9s} {'peak CUDA':>10s}"
     print(f"{head} {'params':>8s} {'paper run':>12s}")
-    for name, s in report["stages"].items():
+    for name, s in stages.items():
         runs = s["seconds"].get("run") or s["seconds"].get("step")
         run = "/".join(f"{x:.1f}" for x in runs)
         cuda = f"{s['peak_cuda_gib']:.1f} GiB" if gpu else "-"
@@ -788,12 +866,19 @@ def print_table(report: dict, gpu: bool) -> None:
             f"{name:9s} {s['seconds']['build'][0]:8.1f} {run:>14s} {s['peak_rss_gib']:5.1f} GiB "
             f"{cuda:>10s} {params / 1e6:7.0f}M {s['paper_run_device_hours']:8.1f} {unit}"
         )
-    run = report["paper_run"]
+    run, g, t = report["paper_run"], stages["generate"]["facts"], stages["train"]["facts"]
+    text_s = stages["train"]["seconds"]["text_features"][0]
     print(
-        f"paper run: {run['pairs']} pairs (generate, label), {run['train_steps']} steps of "
-        f"batch {run['train_batch']} (train, plus the text features once); run s: every timed "
-        f"run (pairs per run: {report['stages']['generate']['facts']['pairs']}; train: one step "
-        f"of batch {report['stages']['train']['facts']['batch']}), the last extrapolated"
+        f"run s: every timed run, the last extrapolated to the paper's run ({run['pairs']} pairs, "
+        f"{run['train_steps']} steps of batch {run['train_batch']}):\n"
+        f"  generate: {g['pairs']} pair(s) per run at {g['steps']} steps "
+        f"(UNet {g['unet_s']:.1f}s of the last, {g['unet_calls']} calls) -> "
+        f"{g['run_at_profile_steps_s']:.1f}s at {g['profile_steps']} steps "
+        f"(+ {g['unet_call_s']:.2f}s per extra UNet call)\n"
+        f"  label: {stages['label']['facts']['pairs']} pair(s) per run, counterfactual check on, "
+        f"{stages['label']['facts']['boxes_per_image']:.0f} boxes per image\n"
+        f"  train: one step of batch {t['batch']} (x {run['train_batch']}/{t['batch']}), plus "
+        f"the text features of {t['vocabulary']} classes x {t['templates']} once ({text_s:.1f}s)"
     )
     print(f"total {report['total_s']:.0f}s")
 

@@ -59,7 +59,7 @@ with guidance), beyond which a GPU gains no throughput, only memory (SD 1.5 at 5
 
 CPU_MAX_IMAGES_PER_CALL = 8
 """``images_per_call: auto`` on a CPU: the whole batch, at most this many images.
-``benchmarks/generate.py --device cpu`` (a 24M-parameter SD 1.5-layout UNet, 128 px, 6 steps,
+``benchmarks/generate.py --device cpu`` (a 35M-parameter SD 1.5-layout UNet, 128 px, 6 steps,
 2 cores) measured 2, 4 and 8 images per call at about 1.3x, 1.6x and 1.7x the pairs/s of the
 naive loop; beyond 8 the gain is flat while memory grows with every row."""
 
