@@ -402,6 +402,15 @@ def test_class_token_positions_find_every_form_of_the_name(model_dir):
     assert class_token_positions(tok, far, ["red ball"]) == [[]]
 
 
+def test_inpaint_mode_class_beyond_the_truncation_keeps_the_positive(model_dir, capsys):
+    far = PromptRecord("far", "sand " * 100 + "and a red ball", "sand", (1,), ("red ball",), 5)
+    gen = DiffusersPairGenerator(inpaint_params(model_dir))
+    (pair,) = gen.generate([far])
+    assert not pair.cf_region.any() and pair.meta["cf_region_fraction"] == 0
+    np.testing.assert_array_equal(pair.counterfactual, pair.positive)
+    assert "prompt far: no object region" in capsys.readouterr().err
+
+
 def test_cache_key_follows_the_inpaint_params(model_dir):
     from magicseg.generate import generate_keys
 

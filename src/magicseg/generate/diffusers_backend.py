@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -435,9 +436,19 @@ class DiffusersPairGenerator:
             [r.prompt for r in batch], [r.seed for r in batch], record=tokens
         )
         # 2. The object regions: thresholded, dilated attention maps (union over classes).
-        regions = [attention_region(m, o.inpaint_threshold, o.inpaint_dilate) for m in maps]
-        # 3. Repaint each region from the counterfactual prompt, same seed; paste it back.
+        size = (self.params.height, self.params.width)
+        regions = [attention_region(m, size, o.inpaint_threshold, o.inpaint_dilate) for m in maps]
+        # 3. Repaint each region from the counterfactual prompt, same seed; paste it back. An
+        #    empty region (class words truncated away) leaves the positive: the pair says so
+        #    (cf_region_fraction 0) and the labeler's checks and the filter drop it.
         todo = [j for j, region in enumerate(regions) if region.any()]
+        for j in sorted(set(range(len(batch))) - set(todo)):
+            print(
+                f"warning: prompt {batch[j].id}: no object region (its class words lie beyond "
+                f"the {self.pipe.tokenizer.model_max_length}-token prompt); counterfactual = "
+                "positive",
+                file=sys.stderr,
+            )
         counterfactuals = [pos.copy() for pos in positives]
         nsfw = [[flag, None] for flag in flags]
         k = self.images_per_call
@@ -681,15 +692,15 @@ class _RecordingProcessor:
 
 
 def attention_region(
-    maps: Sequence[np.ndarray | None], threshold: float, dilate: int
+    maps: Sequence[np.ndarray | None], size: tuple[int, int], threshold: float, dilate: int
 ) -> np.ndarray:
-    """The region to repaint: the union over classes of each HxW map, min-max normalised,
-    above ``threshold``; dilated by ``dilate`` pixels. HW bool (empty without maps)."""
-    known = [m for m in maps if m is not None]
-    if not known:
-        raise ValueError("attention_region needs at least one map (or None entries and a size)")
-    region = np.zeros(known[0].shape, bool)
-    for m in known:
+    """The region to repaint: the union over classes of each HxW map (``size``), min-max
+    normalised, above ``threshold``; dilated by ``dilate`` pixels. HW bool, empty when no
+    class has a map (its words lie beyond the prompt's truncation)."""
+    region = np.zeros(size, bool)
+    for m in maps:
+        if m is None:
+            continue
         lo, hi = float(m.min()), float(m.max())
         if hi > lo:
             region |= (m - lo) / (hi - lo) > threshold
