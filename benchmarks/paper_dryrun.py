@@ -352,7 +352,7 @@ def sd_models(arch: dict, device) -> dict:
                 norm_num_groups=32,
                 sample_size=px,
                 **vae,
-            ),  # fmt: skip
+            ),
             "text_encoder": CLIPTextModel(
                 CLIPTextConfig(
                     vocab_size=CLIP_VOCAB,
@@ -362,7 +362,7 @@ def sd_models(arch: dict, device) -> dict:
                     eos_token_id=102,
                     pad_token_id=0,
                     **arch["sd_text"],
-                )  # fmt: skip
+                )
             ).eval(),
         }
 
@@ -372,13 +372,21 @@ def build_sd(arch: dict, tokenizer, device, dtype):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-        steps_offset=1, set_alpha_to_one=False,
-    )  # fmt: skip
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
     pipe = StableDiffusionPipeline(
-        **sd_models(arch, device), tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        **sd_models(arch, device),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     return pipe.to(device=device, dtype=dtype)
 
 
@@ -457,12 +465,16 @@ def clip_model(arch: dict, device="cpu"):
 
     cfg = CLIPConfig(
         text_config={
-            "vocab_size": CLIP_VOCAB, "max_position_embeddings": 77, "bos_token_id": 101,
-            "eos_token_id": 102, "pad_token_id": 0, **arch["clip_text"],
+            "vocab_size": CLIP_VOCAB,
+            "max_position_embeddings": 77,
+            "bos_token_id": 101,
+            "eos_token_id": 102,
+            "pad_token_id": 0,
+            **arch["clip_text"],
         },
         vision_config=arch["clip_vision"],
         projection_dim=arch["clip_projection"],
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     with torch.device(device):
         return CLIPModel(cfg)
@@ -505,7 +517,7 @@ def make_records(params, vocab, n: int) -> list:
                 class_ids=tuple(ids),
                 class_names=classes,
                 seed=derive_seed(params.seed, "sample", pid),
-            )  # fmt: skip
+            )
         )
     return out
 
@@ -526,8 +538,11 @@ def run_generate_stage(
         pipe = build_sd(arch, tokenizer, device, dtype)
         gen = DiffusersPairGenerator(params.generate, pipeline=pipe)
         gen.check(records)
-    stage.params = {"unet": count(pipe.unet), "vae": count(pipe.vae),
-                    "text_encoder": count(pipe.text_encoder)}  # fmt: skip
+    stage.params = {
+        "unet": count(pipe.unet),
+        "vae": count(pipe.vae),
+        "text_encoder": count(pipe.text_encoder),
+    }
     for _ in range(args.repeats):
         with timed(stage, "run", device), module_clock(pipe.unet, device) as calls:
             pairs = gen.generate(records)
@@ -536,16 +551,21 @@ def run_generate_stage(
     # a UNet call at steady state: the median without the first (kernel selection, warm-up)
     per_call = float(np.median(calls[1:] if len(calls) > 1 else calls))
     stage.facts = {
-        "pairs": len(records), "size": [params.generate.height, params.generate.width],
-        "steps": steps, "scheduler": meta["scheduler"], "dtype": meta["dtype"],
+        "pairs": len(records),
+        "size": [params.generate.height, params.generate.width],
+        "steps": steps,
+        "scheduler": meta["scheduler"],
+        "dtype": meta["dtype"],
         "images_per_call": meta["images_per_call"],
         "counterfactual_mode": meta["counterfactual_mode"],
-        "unet_calls": len(calls), "unet_s": round(sum(calls), 3),
-        "unet_call_s": round(per_call, 4), "profile_steps": profile_steps,
+        "unet_calls": len(calls),
+        "unet_s": round(sum(calls), 3),
+        "unet_call_s": round(per_call, 4),
+        "profile_steps": profile_steps,
         "run_at_profile_steps_s": round(
             stage.best("run") + (profile_steps - steps) * len(calls) / steps * per_call, 3
         ),
-    }  # fmt: skip
+    }
     if meta["counterfactual_mode"] == "inpaint":
         stage.facts["cf_region_fraction"] = [p.meta["cf_region_fraction"] for p in pairs]
     del gen, pipe
@@ -574,7 +594,7 @@ def run_label_stage(args, arch, params, records, pairs, tokenizer, vocab, device
             class_ids=r.class_ids,
             class_names=r.class_names,
             oracle_mask=None,
-        )  # fmt: skip
+        )
         for r, p in zip(records, pairs, strict=True)
     ]
     ignore = ignore_index(len(vocab))
@@ -583,14 +603,16 @@ def run_label_stage(args, arch, params, records, pairs, tokenizer, vocab, device
         with timed(stage, "run", device):
             results = labeler.label(inputs, ignore)
     stage.facts = {
-        "pairs": len(inputs), "dtype": str(dtype).removeprefix("torch."),
+        "pairs": len(inputs),
+        "dtype": str(dtype).removeprefix("torch."),
         "boxes_per_image": sum(len(r.detections) for r in results) / len(results),
         "parts_s": {k: round(v, 3) for k, v in labeler.timings.parts.items()},
         "caption_tokens": [
-            len(c.input_ids) for r in records
+            len(c.input_ids)
+            for r in records
             for c in build_captions(r.class_names, tokenizer, labeler.max_tokens)
         ],
-    }  # fmt: skip
+    }
     del labeler, models
     free(device)
     return stage, results
@@ -662,11 +684,17 @@ def run_train_stage(args, arch, params, records, pairs, results, tokenizer, voca
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"train: non-finite loss {losses}")
     stage.facts = {
-        "batch": sampler.batch_size, "crop": tp.clip.crop, "sampled_classes": sampler.k,
-        "vocabulary": len(vocab), "cf_loss": tp.cf_loss, "cf_weight": tp.cf_weight,
-        "decoder": cfg.get("decoder", "query"), "templates": tp.clip.templates,
-        "loss": [round(x, 4) for x in losses], "precision": acc.mixed_precision,
-    }  # fmt: skip
+        "batch": sampler.batch_size,
+        "crop": tp.clip.crop,
+        "sampled_classes": sampler.k,
+        "vocabulary": len(vocab),
+        "cf_loss": tp.cf_loss,
+        "cf_weight": tp.cf_weight,
+        "decoder": cfg.get("decoder", "query"),
+        "templates": tp.clip.templates,
+        "loss": [round(x, 4) for x in losses],
+        "precision": acc.mixed_precision,
+    }
     del wrapped, model, encoder, opt
     free(device)
     return stage
@@ -679,18 +707,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--tiny", action="store_true", help="toy sizes of every model (tests)")
-    ap.add_argument("--steps", type=int, help="denoising steps (default: the profile's 20 on "
-                    "cuda, 2 on a CPU)")  # fmt: skip
-    ap.add_argument("--pairs", type=int, help="prompts in the batch (default: the profile's "
-                    "generate.batch_size on cuda, 1 on a CPU)")  # fmt: skip
-    ap.add_argument("--train-batch", type=int, help="images per training step (default: the "
-                    "profile's train.batch_size on cuda, 2 on a CPU)")  # fmt: skip
-    ap.add_argument("--train-steps", type=int, help="timed training steps (default 3 on cuda, "
-                    "1 on a CPU; the last is extrapolated)")  # fmt: skip
-    ap.add_argument("--repeats", type=int, help="runs of generate and label (default 2 on cuda, "
-                    "1 on a CPU; the last is extrapolated)")  # fmt: skip
-    ap.add_argument("--counterfactual-mode", choices=["prompt_swap", "inpaint"],
-                    help="override generate.diffusers.counterfactual_mode")  # fmt: skip
+    ap.add_argument(
+        "--steps", type=int, help="denoising steps (default: the profile's 20 on cuda, 2 on a CPU)"
+    )
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        help="prompts in the batch (default: the profile's generate.batch_size on cuda, 1 on a "
+        "CPU)",
+    )
+    ap.add_argument(
+        "--train-batch",
+        type=int,
+        help="images per training step (default: the profile's train.batch_size on cuda, 2 on "
+        "a CPU)",
+    )
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        help="timed training steps (default 3 on cuda, 1 on a CPU; the last is extrapolated)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        help="runs of generate and label (default 2 on cuda, 1 on a CPU; the last is extrapolated)",
+    )
+    ap.add_argument(
+        "--counterfactual-mode",
+        choices=["prompt_swap", "inpaint"],
+        help="override generate.diffusers.counterfactual_mode",
+    )
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
     return ap.parse_args(argv)
 
@@ -764,8 +810,10 @@ def main(argv: list[str] | None = None) -> dict:
     params = parse_params(data, "paper profile + dry-run overrides")
     vocab = build_vocabulary(params.vocabulary.source, holdout=params.vocabulary.holdout)
     records = make_records(params, vocab, params.generate.batch_size)
-    print(f"paper_dryrun: {'tiny' if args.tiny else 'paper'} sizes on {device} "
-          f"({torch.get_num_threads()} CPU threads), torch {torch.__version__}")  # fmt: skip
+    print(
+        f"paper_dryrun: {'tiny' if args.tiny else 'paper'} sizes on {device} "
+        f"({torch.get_num_threads()} CPU threads), torch {torch.__version__}"
+    )
     for key, value in overrides.items():
         print(f"  override {key}: {value}")
 
@@ -779,11 +827,12 @@ def main(argv: list[str] | None = None) -> dict:
     unk = sum(tok_bert(t)["input_ids"].count(tok_bert.unk_token_id) for t in texts)
     name_tokens = [len(tok_bert(n, add_special_tokens=False)["input_ids"]) for n in vocab.display]
     tokens = {
-        "vocabulary": len(tok_bert), "unknown_tokens": unk,
+        "vocabulary": len(tok_bert),
+        "unknown_tokens": unk,
         "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens),
         "prompt_tokens_max": max(prompt_tokens),
         "class_name_tokens_mean": sum(name_tokens) / len(name_tokens),
-    }  # fmt: skip
+    }
     print(f"  tokenizer: {tokens}")
     if unk:
         raise RuntimeError(f"synthetic tokenizer: {unk} unknown tokens")
@@ -840,7 +889,7 @@ def main(argv: list[str] | None = None) -> dict:
             "pairs": pairs_total,
             "train_steps": full.train.steps,
             "train_batch": full.train.batch_size,
-        },  # fmt: skip
+        },
         "total_s": round(time.perf_counter() - t_start, 1),
     }
     print_table(report, gpu)

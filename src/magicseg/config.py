@@ -123,8 +123,8 @@ class DiffusersGeneratorParams(Section):
     images_per_call: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """Images per pipeline call, positives and counterfactuals counted apart (a UNet step sees
     2x this many rows with guidance). ``auto``: the whole ``generate.batch_size`` (all pairs in
-    one call), at most 32 images on a GPU and 8 on a CPU, where batching measured 1.3-1.7x the
-    naive loop (benchmarks/generate.py)."""
+    one call), at most 32 images on a GPU and 8 on a CPU (benchmarks/generate.py: 8 images per
+    call 1.7x the naive loop's pairs/s on 2 CPU cores, 2.9x on loaded ones)."""
     counterfactual_mode: Literal["prompt_swap", "inpaint"] = "prompt_swap"
     """``prompt_swap``: the counterfactual painted from its own prompt and the positive's
     noise. ``inpaint``: the positive's object region (its class words' cross-attention during

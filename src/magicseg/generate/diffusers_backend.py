@@ -2,15 +2,22 @@
 
 For each prompt record the positive and the counterfactual image start from **the same initial
 latents**, drawn on the CPU from one generator seeded with ``PromptRecord.seed``; a sample's pair
-therefore depends neither on the batch size nor on the process or device that made it, and the
-two images differ mainly where the prompts differ (the object). The official MagicSeg code draws
-independent noise for the two images.
+therefore depends neither on the batch size nor on the process or device that made it (up to
+the last bit, see below), and the two images differ mainly where the prompts differ (the
+object). The official MagicSeg code draws independent noise for the two images.
+
+Counterfactuals (``counterfactual_mode``): ``prompt_swap`` paints the counterfactual prompt from
+the shared noise; ``inpaint`` records the cross-attention of the class words while the positive
+is painted (:class:`CrossAttentionRecorder`, DAAM-style), thresholds and dilates it into the
+object region (:func:`attention_region`), repaints that region from the counterfactual prompt
+with the same noise (:func:`repaint`) and pastes it back: outside ``Pair.cf_region`` the
+counterfactual is the positive, byte for byte. Both cost two images of UNet work per pair.
 
 Speed: the positives and counterfactuals of several records go through one pipeline call, so
 with classifier-free guidance each UNet step sees ``2 x images`` rows (``4 x pairs`` when a whole
 batch goes in one call). ``images_per_call: auto`` is the whole batch, at most 32 images on a GPU
-and at most 8 on a CPU, where ``benchmarks/generate.py`` measured batching 1.3-1.7x faster than
-the naive loop (2, 4, 8 images per call; a reduced SD 1.5-layout UNet at 128 px, 2 cores). On
+and at most 8 on a CPU, where ``benchmarks/generate.py`` measured 8 images per call 1.7x faster
+than the naive loop (2.9x on loaded cores; a reduced SD 1.5-layout UNet at 128 px, 2 cores). On
 CUDA: bf16 (fp16 where bf16 is missing), PyTorch SDPA attention (diffusers' default
 ``AttnProcessor2_0``), channels-last, optional ``torch.compile`` of the UNet, and a DPM-Solver++
 multistep scheduler. Images that share a call can differ in the last bit (1/255 of a pixel) from
@@ -61,8 +68,9 @@ with guidance), beyond which a GPU gains no throughput, only memory (SD 1.5 at 5
 CPU_MAX_IMAGES_PER_CALL = 8
 """``images_per_call: auto`` on a CPU: the whole batch, at most this many images.
 ``benchmarks/generate.py --device cpu`` (a 35M-parameter SD 1.5-layout UNet, 128 px, 6 steps,
-2 cores) measured 2, 4 and 8 images per call at about 1.3x, 1.6x and 1.7x the pairs/s of the
-naive loop; beyond 8 the gain is flat while memory grows with every row."""
+2 cores): 2, 4 and 8 images per call gave 1.3x, 1.6x and 1.7x the naive loop's pairs/s on quiet
+cores, 1.6x, 2.1x and 2.9x on cores shared with other jobs; one image per call 1.0x. The gain
+flattens from 4 to 8 while memory grows with every row."""
 
 
 # --------------------------------------------------------------------------------------------
