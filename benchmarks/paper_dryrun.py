@@ -17,11 +17,14 @@ code paths at the paper's sizes:
 Per stage it prints build seconds, run seconds (CUDA synchronised), peak memory (CUDA
 ``max_memory_allocated``; process peak RSS), parameter counts, and extrapolates to the paper's
 full run (``prompts.requests x prompts.per_request`` pairs, ``train.steps`` steps of
-``train.batch_size``) in device-hours (GPU-hours on CUDA). Shapes that break only at full size
-break here.
+``train.batch_size``) in device-hours (GPU-hours on CUDA): generate from the last run's
+seconds per pair, with fewer steps than the profile's plus the missing steps at the UNet's
+steady per-call time; label per pair; train per step, scaled by the profile's batch over the
+run's, plus the text features once. Shapes that break only at full size break here.
 
-    python benchmarks/paper_dryrun.py --device cuda            # the paper's sizes, < 5 min on an H100
-    python benchmarks/paper_dryrun.py --device cpu             # ~10 min on 2 cores (1 pair, 2 steps)
+    python benchmarks/paper_dryrun.py --device cuda            # the profile's batches, 20 steps
+    python benchmarks/paper_dryrun.py --device cpu             # 1 pair, 2 steps: 551 CPU-s
+                                                               # (14 min on 2 busy cores)
     python benchmarks/paper_dryrun.py --tiny --json out.json   # tiny configs, seconds (the tests)
 
 Overrides of the paper profile, all printed: the model references (random in-memory models),
