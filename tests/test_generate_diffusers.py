@@ -84,6 +84,24 @@ def test_registry_builds_generator_and_pairs_have_meta(model_dir):
     assert not np.array_equal(pairs[0].positive, pairs[1].positive)  # seeds differ
 
 
+def test_images_per_call_auto_batches_on_a_cpu(model_dir):
+    """auto = the whole batch (both images of every pair), at most 8 images on a CPU."""
+    rows = []
+    gen = DiffusersPairGenerator(make_params(model_dir, batch_size=3))
+    assert gen.images_per_call == 6
+    hook = gen.pipe.unet.register_forward_pre_hook(
+        lambda mod, args, kwargs: rows.append((args[0] if args else kwargs["sample"]).shape[0]),
+        with_kwargs=True,
+    )
+    try:
+        gen.generate(records(3))
+    finally:
+        hook.remove()
+    assert set(rows) == {12}  # one call: 6 images x 2 (guidance) per UNet step
+    assert DiffusersPairGenerator(make_params(model_dir, batch_size=64)).images_per_call == 8
+    assert DiffusersPairGenerator(make_params(model_dir, batch_size=1)).images_per_call == 2
+
+
 def test_pair_shares_initial_latents(model_dir):
     """Every UNet row of a pair's first step starts from the record's seeded latents."""
     gen = DiffusersPairGenerator(make_params(model_dir, images_per_call=4))
