@@ -9,7 +9,7 @@ code paths at the paper's sizes:
 1. generate: ``DiffusersPairGenerator`` on a pipeline assembled from those components,
    ``generate.batch_size`` prompts (LVIS classes, template writer), 512 px;
 2. label: ``GroundedSamLabeler`` on the generated pairs (captions from the 1203 LVIS names as
-   the labeler builds them, SAM at 1024, the counterfactual check on);
+   the labeler builds them, SAM at 1024, the counterfactual check as the profile says);
 3. train: one or more steps of the clip segmenter through the training code (category
    sampling of 100 of the 1203 classes, augmentation, crop 512, loss with the counterfactual
    term, backward, AdamW step; bf16 autocast on CUDA, as ``magicseg.trainer.fit`` runs).
@@ -614,6 +614,7 @@ def run_label_stage(args, arch, params, records, pairs, tokenizer, vocab, device
         "pairs": len(inputs),
         "dtype": str(dtype).removeprefix("torch."),
         "boxes_per_image": sum(len(r.detections) for r in results) / len(results),
+        "cf_check": opts.cf_check,
         "parts_s": {k: round(v, 3) for k, v in labeler.timings.parts.items()},
         "caption_tokens": [
             len(c.input_ids)
@@ -800,12 +801,17 @@ def main(argv: list[str] | None = None) -> dict:
         overrides["train.batch_size"] = args.train_batch or 2
     if args.counterfactual_mode:
         overrides["generate.diffusers.counterfactual_mode"] = args.counterfactual_mode
+    if not gpu and full.generate.diffusers.dtype == "float16":
+        overrides["generate.diffusers.dtype"] = "auto"  # fp16 kernels are a GPU's (fp32 here)
     if args.tiny:
         overrides |= {
             "generate.height": arch["image"],
             "generate.width": arch["image"],
             "train.clip.crop": arch["crop"],
             "train.clip.templates": "single",  # 1203 texts, not 15 x 1203: seconds, not a minute
+            # the tiny CLIP's joint dim (the atm decoder works in it, use_proj=False)
+            "train.clip.decoder_dim": arch["clip_projection"],
+            "train.clip.decoder_heads": 2,
         }
     tmp_dir = tempfile.TemporaryDirectory(prefix="magicseg-dryrun-")
     tmp = Path(tmp_dir.name)
@@ -933,7 +939,8 @@ def print_table(report: dict, gpu: bool) -> None:
         f"(UNet {g['unet_s']:.1f}s of the last, {g['unet_calls']} calls) -> "
         f"{g['run_at_profile_steps_s']:.1f}s at {g['profile_steps']} steps "
         f"(+ {g['unet_call_s']:.2f}s per extra UNet call)\n"
-        f"  label: {stages['label']['facts']['pairs']} pair(s) per run, counterfactual check on, "
+        f"  label: {stages['label']['facts']['pairs']} pair(s) per run, counterfactual check "
+        f"{'on' if stages['label']['facts']['cf_check'] else 'off'}, "
         f"{stages['label']['facts']['boxes_per_image']:.0f} boxes per image\n"
         f"  train: one step of batch {t['batch']} (x {run['train_batch']}/{t['batch']}), plus "
         f"the text features of {t['vocabulary']} classes x {t['templates']} once ({text_s:.1f}s)"
