@@ -4,11 +4,13 @@
 # official flow, and the clip training step vs vocabulary size. Each gets a time limit, so
 # one that hangs does not take the others with it; logs and JSON go to $OUT (default gpu-out).
 #     bash benchmarks/gpu_suite.sh            # needs CUDA, torch, transformers, diffusers, pydantic
+# (label.py's tokenizer: the MiniLM package, or a copy of its files in $MAGICSEG_BERT_TOKENIZER)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 
 run() {  # run NAME SECONDS COMMAND...: the log in $OUT/NAME.log, its tail on stdout
@@ -28,7 +30,7 @@ run() {  # run NAME SECONDS COMMAND...: the log in $OUT/NAME.log, its tail on st
     nproc
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-run dryrun "${DRYRUN_S:-230}" "$PY" benchmarks/paper_dryrun.py --device cuda --json "$OUT/dryrun.json"
-run generate "${GENERATE_S:-150}" "$PY" benchmarks/generate.py --device cuda --repeats 2
-run label "${LABEL_S:-100}" "$PY" benchmarks/label.py --device cuda --images 32 --repeats 1
-run train "${TRAIN_S:-70}" "$PY" benchmarks/train.py --device cuda --full --steps 3 --vocab 300,1203
+run dryrun "${DRYRUN_S:-160}" "$PY" benchmarks/paper_dryrun.py --device cuda --json "$OUT/dryrun.json"
+run generate "${GENERATE_S:-90}" "$PY" benchmarks/generate.py --device cuda --repeats 2 --no-levers
+run label "${LABEL_S:-60}" "$PY" benchmarks/label.py --device cuda --images 16 --repeats 1
+run train "${TRAIN_S:-40}" "$PY" benchmarks/train.py --device cuda --full --steps 3 --vocab 1203

@@ -453,10 +453,12 @@ def build_grounded_sam(arch: dict, tokenizer, device, dtype) -> tuple:
         mask_pad_size={"height": px // 4, "width": px // 4},
     )
     det, sam = grounded_sam_models(arch, device)
+    # .to(device) too: a few parameters (Grounding DINO's level_embed) are made with legacy
+    # constructors that ignore the torch.device context they were built in
     return (
-        det.to(dtype).eval(),
+        det.to(device, dtype).eval(),
         GroundingDinoProcessor(image_processor=gd_image, tokenizer=tokenizer),
-        sam.to(dtype).eval(),
+        sam.to(device, dtype).eval(),
         SamProcessor(image_processor=sam_image),
     )
 
