@@ -102,7 +102,9 @@ def steer_detector(model, proc, images: list[tuple[np.ndarray, str]], threshold:
     return c
 
 
-def calibration_pairs(sd_dir: Path, size: int, steps: int) -> list[tuple[np.ndarray, str]]:
+def calibration_pairs(
+    sd_dir: Path, size: int, steps: int, scheduler: str = "default"
+) -> list[tuple[np.ndarray, str]]:
     """Positives and counterfactuals of :data:`CALIBRATION_PROMPTS` from the tiny Stable
     Diffusion, made by the pipeline's own generator (seeds unlike the pipeline's)."""
     from magicseg.core.config import GenerateParams
@@ -114,7 +116,12 @@ def calibration_pairs(sd_dir: Path, size: int, steps: int) -> list[tuple[np.ndar
         backend="diffusers",
         height=size,
         width=size,
-        diffusers={"checkpoint": str(sd_dir), "steps": steps, "device": "cpu"},
+        diffusers={
+            "checkpoint": str(sd_dir),
+            "steps": steps,
+            "scheduler": scheduler,
+            "device": "cpu",
+        },  # fmt: skip
     )
     records = [
         PromptRecord(f"c{i}", text, make_counterfactual(text, [name]), (1,), (name,), 7 + i)
@@ -125,16 +132,21 @@ def calibration_pairs(sd_dir: Path, size: int, steps: int) -> list[tuple[np.ndar
             for im in (p.positive, p.counterfactual)]  # fmt: skip
 
 
-def paper_models(root: Path, size: int, steps: int, box_threshold: float) -> dict[str, Path]:
+def paper_models(
+    root: Path, size: int, steps: int, box_threshold: float, scheduler: str = "default"
+) -> dict[str, Path]:
     """The four stand-ins saved under ``root``: ``sd`` (a diffusers pipeline directory),
-    ``detector`` and ``sam`` (steered and sieved, with their processors), ``clip``."""
+    ``detector`` and ``sam`` (steered and sieved, with their processors), ``clip``. The
+    detector is steered on images made as the pipeline will make them (``size``, ``steps``,
+    ``scheduler``) and centred on ``box_threshold``."""
     import torch
 
     root = Path(root)
     sd = tiny_sd_pipeline_dir(root)
     torch.manual_seed(0)
     det_model, det_proc = build_grounding_dino("tiny")
-    steer_detector(det_model, det_proc, calibration_pairs(sd, size, steps), box_threshold)
+    images = calibration_pairs(sd, size, steps, scheduler)
+    steer_detector(det_model, det_proc, images, box_threshold)
     sam_model, sam_proc = build_sam("tiny")
     sieve_sam(sam_model)
     out = {"sd": sd, "detector": root / "gdino", "sam": root / "sam"}

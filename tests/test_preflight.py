@@ -285,6 +285,14 @@ def test_devices_cuda_asked_for_without_one(tmp_path, key_env):
     assert by["generate.diffusers.device"].status == "error"
 
 
+def test_devices_float16_on_a_cpu(tmp_path, key_env):
+    p = _paper(tmp_path, generate={"diffusers": {"dtype": "float16"}})
+    by = _by_key(check_devices(p, measure=one_tflops))
+    assert by["generate.diffusers.dtype"].status == "error"
+    assert by["generate.diffusers.dtype"].message.startswith("float16 is not supported on the CPU")
+    assert "label.grounded_sam.dtype" not in by  # auto: float32 on a CPU
+
+
 def test_training_time_is_the_steps_flops_at_the_measured_rate(tmp_path, key_env):
     p = _paper(tmp_path)
     shape = VitShape(hidden=8, intermediate=32, layers=2, patch=16)

@@ -15,7 +15,8 @@ params key:
 3. every enabled benchmark's root and layout (the readers' own checks, nothing read);
 4. that evaluate will have something to score (a warning otherwise: no error after training);
 5. free disk for the planned dataset (``requests x per_request`` pairs at ``generate``'s size);
-6. a GPU where a model stage runs: a CUDA device asked for and absent is an error; a data
+6. a GPU where a model stage runs: a CUDA device asked for and absent, or a dtype the device
+   cannot run (float16 on a CPU), is an error; a data
    stage's model (Stable Diffusion, Grounded-SAM, a local LLM) on a CPU a warning; for
    ``train.architecture: clip`` a lower bound of the training time (the steps' FLOPs at this
    device's measured matmul rate), a warning on a CPU beyond :data:`CPU_TRAIN_WARNING_S`.
@@ -312,28 +313,33 @@ def _hours(seconds: float) -> str:
 
 def check_devices(p: Params, measure: Callable | None = None) -> list[Check]:
     """The device of every model stage that will run: an error where CUDA is asked for and
-    absent, a warning for a data stage's model on a CPU; for clip, the training time's lower
+    absent or the dtype cannot run on the device (float16 on a CPU), a warning for a data
+    stage's model on a CPU; for clip, the training time's lower
     bound (a warning on a CPU beyond :data:`CPU_TRAIN_WARNING_S`).
     ``measure(device) -> TFLOP/s`` defaults to :func:`matmul_tflops` (tests pass a constant)."""
-    from magicseg.core.devices import resolve_device
+    from magicseg.core.devices import resolve_device, resolve_dtype
 
     measure = measure or matmul_tflops
     pairs = p.prompts.requests * p.prompts.per_request
     size = f"{p.generate.height}x{p.generate.width}"
-    stages: list[tuple[str, str, str]] = []
+    stages: list[tuple[str, str, str, str]] = []  # (block, device, dtype, work)
     if p.generate.backend == "diffusers":
         d = p.generate.diffusers
         work = f"{2 * pairs} images of {size} x {d.steps} steps through Stable Diffusion"
-        stages.append(("generate.diffusers.device", d.device, work))
+        stages.append(("generate.diffusers", d.device, d.dtype, work))
     if p.label.backend == "grounded_sam":
-        work = f"{pairs} positives (and counterfactuals) through Grounding DINO + SAM"
-        stages.append(("label.grounded_sam.device", p.label.grounded_sam.device, work))
+        g = p.label.grounded_sam
+        both = " and their counterfactuals" if g.cf_check else ""
+        work = f"{pairs} positives{both} through Grounding DINO + SAM"
+        stages.append(("label.grounded_sam", g.device, g.dtype, work))
     if p.prompts.writer == "transformers":
+        t = p.prompts.transformers
         work = f"{p.prompts.requests} requests through a local LLM"
-        stages.append(("prompts.transformers.device", p.prompts.transformers.device, work))
+        stages.append(("prompts.transformers", t.device, t.dtype, work))
 
     out: list[Check] = []
-    for key, name, work in stages:
+    for block, name, dtype, work in stages:
+        key = f"{block}.device"
         try:
             device = resolve_device(name, key)
         except MagicsegError as err:
@@ -343,6 +349,12 @@ def check_devices(p: Params, measure: Callable | None = None) -> list[Check]:
             out.append(Check("warning", key, f"no GPU here: {work} on a CPU", True))
         else:
             out.append(Check("ok", key, f"{device} for {work}", True))
+        try:  # the precision this device runs (float16 has no CPU kernels here)
+            resolve_dtype(dtype, device, f"{block}.dtype")
+        except MagicsegError as err:
+            out.append(
+                Check("error", f"{block}.dtype", _strip_key(str(err), f"{block}.dtype"), True)
+            )
 
     if p.train.architecture == "clip":
         out.append(_train_time(p, measure))
