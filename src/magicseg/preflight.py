@@ -217,7 +217,8 @@ def check_vocabulary(p: Params) -> list[Check]:
 # --------------------------------------------------------------------------------------------
 def planned_bytes(p: Params) -> int:
     """Bytes of one copy of the planned dataset: ``requests x per_request`` pairs, each two
-    RGB PNGs (:data:`PNG_RATIO` of the raw size) and a mask (uint16 beyond 254 classes)."""
+    RGB PNGs (:data:`PNG_RATIO` of the raw size) and a class-index mask PNG (0.1 byte a pixel,
+    generous: flat class maps compress well, 8 or 16 bits alike)."""
     pairs = p.prompts.requests * p.prompts.per_request
     pixels = p.generate.height * p.generate.width
     return int(pairs * pixels * (2 * 3 * PNG_RATIO + 0.1))
