@@ -451,7 +451,7 @@ def test_cache_key_follows_the_inpaint_params(model_dir):
 # clear errors, before any image
 # ------------------------------------------------------------------------------------------
 def test_missing_local_dir_and_not_a_pipeline_dir(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(BackendError, match=r"checkpoint: .*nope does not exist \(a local model"):
         DiffusersPairGenerator(make_params(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="model_index.json"):

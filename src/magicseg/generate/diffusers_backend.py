@@ -35,7 +35,6 @@ Heavy imports (torch, diffusers) happen inside functions: importing this module 
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -77,45 +76,26 @@ flattens from 4 to 8 while memory grows with every row."""
 # --------------------------------------------------------------------------------------------
 # resolving the model source (cheap; no weights loaded)
 # --------------------------------------------------------------------------------------------
-def _hub_offline() -> bool:
-    try:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
-        pass
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def resolve_model_source(model: str, key: str = "generate.diffusers.checkpoint") -> str:
-    """A local pipeline directory or a hub id that can be loaded here, else a clear error.
+    """A local pipeline directory or a hub id that can be loaded here, else a one-line error
+    naming ``key``.
 
-    Local directories must hold ``model_index.json`` (a ``save_pretrained`` pipeline). A hub id
-    while offline (``HF_HUB_OFFLINE=1``) must already be in the Hugging Face cache.
+    :func:`magicseg.hub.check_model_source` first (a path must exist; a hub id must be cached,
+    or the hub must answer unless ``HF_HUB_OFFLINE`` is set); a local directory must then hold
+    ``model_index.json`` (a ``save_pretrained`` pipeline).
     """
-    path = Path(model).expanduser()
-    looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") > 1
-    if looks_local:
-        if not path.is_dir():
-            raise ConfigError(f"{key}: local directory {model!r} does not exist")
-        if not (path / "model_index.json").is_file():
-            raise ConfigError(
-                f"{key}: {model!r} is not a diffusers pipeline directory (no model_index.json); "
-                "save one with pipe.save_pretrained(dir) or `huggingface-cli download <id> "
-                "--local-dir dir`"
-            )
-        return str(path)
-    if _hub_offline():
-        from huggingface_hub import try_to_load_from_cache
+    from magicseg.hub import check_model_source
 
-        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
-            raise BackendError(
-                f"{key}: {model!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                f"fetch it where there is network (`huggingface-cli download {model}`) or set "
-                f"{key} to a local pipeline directory"
-            )
-    return model
+    if check_model_source(model, key) != "local":
+        return model
+    path = Path(model).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(
+            f"{key}: {model!r} is not a diffusers pipeline directory (no model_index.json); "
+            "save one with pipe.save_pretrained(dir) or `huggingface-cli download <id> "
+            "--local-dir dir`"
+        )
+    return str(path)
 
 
 # --------------------------------------------------------------------------------------------
