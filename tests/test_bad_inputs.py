@@ -28,6 +28,7 @@ from magicseg.batching import batched_with_oom_retry
 from magicseg.config import FilterParams, GenerateParams, LabelParams, ProceduralGeneratorParams
 from magicseg.filter import reasons_for
 from magicseg.generate import run_generate
+from magicseg.generate.catalogue import CATALOGUE
 from magicseg.generate.procedural import ProceduralGenerator
 from magicseg.hub import check_model_source
 from magicseg.io import read_manifest
@@ -36,7 +37,7 @@ from magicseg.label.base import LabelResult
 from magicseg.samplecache import SampleCache, iter_keys
 from magicseg.stage import user_errors
 
-N = 48
+N = len(CATALOGUE)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,11 @@ def _lab(tmp: Path, gen: str = "generate") -> Callable[[], object]:
 
 def _vocab_file(tmp: Path, text: str) -> Callable[[], object]:
     (tmp / "classes.txt").write_text(text)
-    _params(tmp, "vocabulary", {"source": "file", "file": str(tmp / "classes.txt"), "holdout": 0})
+    _params(
+        tmp,
+        "vocabulary",
+        {"source": "file", "file": str(tmp / "classes.txt"), "holdout_combination": 0},
+    )
     return lambda: vocabulary_stage.main(out=tmp / "vocab_out", params_file=tmp / "params.yaml")
 
 
@@ -154,7 +159,7 @@ def prompt_without_its_class(t):
 def prompt_class_outside_vocabulary(t):
     def edit(f):
         i = next(i for i, ids in enumerate(f["class_ids"]) if len(ids) == 1)
-        f.at[i, "class_ids"] = [99]
+        f.at[i, "class_ids"] = [999]
         return f
 
     _edit_prompts(t, edit)
@@ -262,7 +267,7 @@ FATAL = [
     (vocabulary_odd_characters, "line 2: class name 'school\\tbus 💥' has characters"),
     (vocabulary_file_missing, "vocabulary.file: "),
     (prompt_without_its_class, "does not mention its class"),
-    (prompt_class_outside_vocabulary, "class id 99 outside the vocabulary (1..48)"),
+    (prompt_class_outside_vocabulary, "class id 999 outside the vocabulary (1..252)"),
     (prompt_duplicate_id, "duplicate prompt id 'r000001-000'"),
     (input_manifest_missing, "empty/manifest.parquet: manifest not found"),
     (every_image_unreadable, "label: none of the 12 pairs"),

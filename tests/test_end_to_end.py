@@ -17,7 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 MINI = {
-    "vocabulary": {"holdout": 4},
+    "vocabulary": {"holdout_combination": 4, "holdout_novel_words": 1},
     "prompts": {"requests": 6, "per_request": 4},
     "generate": {"height": 32, "width": 32},
     "train": {

@@ -19,12 +19,13 @@ from magicseg.config import LabelParams
 from magicseg.distributed import current, owner, shard
 from magicseg.errors import DataError
 from magicseg.generate import TEST_SLEEP_ENV, run_generate
+from magicseg.generate.catalogue import CATALOGUE
 from magicseg.generate.procedural import ProceduralGenerator
 from magicseg.io import read_manifest
 from magicseg.label import run_label
 from magicseg.samplecache import SampleCache, iter_keys, materialise, remove_stale_temps
 
-N_CLASSES = 48
+N_CLASSES = len(CATALOGUE)
 
 
 def _reference(root: Path, p) -> None:

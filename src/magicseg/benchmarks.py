@@ -224,7 +224,8 @@ def procedural_baseline(
         write_per_class(per_class_path, cm, vocab)
     if gallery_path is not None and params.gallery:
         write_gallery(gallery_path, test, pred, cf_pred, vocab, params.gallery)
-    summary = _summary(cm, vocab.trainable, sorted(vocab.holdout))
+    kinds = (vocab.heldout_of_kind("combination"), vocab.heldout_of_kind("novel"))
+    summary = _summary(cm, vocab.trainable, sorted(vocab.holdout), *kinds)
     summary |= {"cf_fg_rate": round(float((cf_pred > 0).mean()), 4), "samples": len(test.records)}
     return {"procedural": summary | {"model": params.model}}
 

@@ -10,7 +10,9 @@ against *all* vocabulary classes (no sampling at test time).
 Reported (``metrics`` dict, nested: ``procedural.miou`` ...):
 
 - ``miou``: mean IoU over the foreground classes present in the test set; ``miou_seen`` /
-  ``miou_heldout``: over the trained / held-out classes; ``hiou``: their harmonic mean;
+  ``miou_heldout``: over the trained / held-out classes; ``miou_heldout_combination`` /
+  ``miou_heldout_novel``: over the held-out classes of each kind (new combinations of seen
+  words / a word no training class has); ``hiou``: harmonic mean of seen and held-out;
   ``iou_background``; ``pixel_acc``;
 - ``cf_fg_rate``: share of the counterfactual images' pixels predicted as any class (the
   objects were removed there, so ideally 0);
@@ -102,7 +104,15 @@ def render_test_set(
     )
 
 
-def _summary(cm: ConfusionMatrix, seen: Sequence[int], heldout: Sequence[int]) -> dict:
+def _summary(
+    cm: ConfusionMatrix,
+    seen: Sequence[int],
+    heldout: Sequence[int],
+    combination: Sequence[int] = (),
+    novel: Sequence[int] = (),
+) -> dict:
+    """mIoU over the present classes of each group (``heldout`` = ``combination`` + ``novel``,
+    the two kinds of :meth:`Vocabulary.holdout_kind`), background IoU, pixel accuracy, hIoU."""
     present = set(np.flatnonzero(cm.present()).tolist())
     fg = [c for c in range(1, cm.num_classes) if c in present]
     s = [c for c in seen if c in present]
@@ -111,6 +121,8 @@ def _summary(cm: ConfusionMatrix, seen: Sequence[int], heldout: Sequence[int]) -
         "miou": cm.miou(fg),
         "miou_seen": cm.miou(s),
         "miou_heldout": cm.miou(h),
+        "miou_heldout_combination": cm.miou([c for c in combination if c in present]),
+        "miou_heldout_novel": cm.miou([c for c in novel if c in present]),
         "iou_background": float(cm.iou()[0]),
         "pixel_acc": cm.pixel_accuracy(),
     }
@@ -166,16 +178,17 @@ def evaluate(
     cm.update(pred, test.masks)
     counts = np.bincount(test.masks[test.masks != ignore].ravel(), minlength=k + 1)
     frequent = int(np.argmax(counts[1:]) + 1)
+    kinds = (vocab.heldout_of_kind("combination"), vocab.heldout_of_kind("novel"))
     baselines = {}
     for name, constant in (("all_background", 0), ("most_frequent", frequent)):
         b = ConfusionMatrix(k + 1, ignore)
         b.update(np.full_like(test.masks, constant), test.masks)
-        baselines[name] = _summary(b, vocab.trainable, sorted(vocab.holdout))
+        baselines[name] = _summary(b, vocab.trainable, sorted(vocab.holdout), *kinds)
     baselines["most_frequent"]["class"] = vocab.names[frequent - 1]
 
     metrics = {
         "procedural": {
-            **_summary(cm, vocab.trainable, sorted(vocab.holdout)),
+            **_summary(cm, vocab.trainable, sorted(vocab.holdout), *kinds),
             "cf_fg_rate": round(float((cf_pred > 0).mean()), 4),
             "samples": int(len(test.records)),
         },
