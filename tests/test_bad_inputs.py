@@ -147,6 +147,11 @@ def vocabulary_file_missing(t):
     return lambda: vocabulary_stage.main(out=t / "v", params_file=t / "params.yaml")
 
 
+def vocabulary_holdout_too_many(t):
+    _params(t, "vocabulary", {"source": "voc", "holdout_combination": 3, "holdout_novel_words": 0})
+    return lambda: vocabulary_stage.main(out=t / "v", params_file=t / "params.yaml")
+
+
 def prompt_without_its_class(t):
     def edit(f):
         f.loc[2, "prompt"] = "An empty beach at dawn"
@@ -266,6 +271,7 @@ FATAL = [
     (vocabulary_duplicate, "line 3: duplicate class name 'owl' (first on line 1)"),
     (vocabulary_odd_characters, "line 2: class name 'school\\tbus 💥' has characters"),
     (vocabulary_file_missing, "vocabulary.file: "),
+    (vocabulary_holdout_too_many, "vocabulary.holdout_combination: voc has only 0 classes"),
     (prompt_without_its_class, "does not mention its class"),
     (prompt_class_outside_vocabulary, "class id 999 outside the vocabulary (1..252)"),
     (prompt_duplicate_id, "duplicate prompt id 'r000001-000'"),
