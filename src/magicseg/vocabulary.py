@@ -236,8 +236,8 @@ def draw_holdout(
         )
 
     # 2. Combinations of seen words.
-    held = 0
-    for i in [sorted(train)[j] for j in rng.permutation(len(train))]:
+    held, order = 0, sorted(train)
+    for i in [order[j] for j in rng.permutation(len(order))]:
         if held == combination:
             break
         if len(train) > 1 and all(count[x] > 1 for x in words[i - 1]):
