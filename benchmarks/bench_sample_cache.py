@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from magicseg.config import Params
+from magicseg.core.config import Params
+from magicseg.core.io import write_manifest
+from magicseg.core.vocabulary import build_vocabulary
 from magicseg.generate import run_generate
-from magicseg.io import write_manifest
-from magicseg.prompts import run_prompts
-from magicseg.vocabulary import build_vocabulary
+from magicseg.prompts.stage import run_prompts
 
 
 def prompts(root: Path, requests: int) -> Path:
@@ -34,8 +34,8 @@ def prompts(root: Path, requests: int) -> Path:
 
 def direct(prompts_dir: Path, out: Path) -> None:
     """The pre-cache way: render and write each pair straight into the output directory."""
+    from magicseg.core.io import read_manifest, write_image, write_mask
     from magicseg.generate import build_generator, records_from_manifest
-    from magicseg.io import read_manifest, write_image, write_mask
 
     g = build_generator(Params().generate)
     for rec in records_from_manifest(read_manifest(prompts_dir)):

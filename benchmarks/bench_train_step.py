@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from magicseg.config import TrainParams
+from magicseg.core.config import TrainParams
 from magicseg.model import build_model
 from magicseg.train import Batch, compute_loss, model_config
 

@@ -8,7 +8,7 @@ random weights, scheduler, steps, guidance, size). Then each speed lever alone.
     # GPU: full-size SD 1.5 architecture, random weights, 512 px, bf16 (H100/H200 peak known)
     python benchmarks/generate.py --device cuda
     python benchmarks/generate.py --device cuda --compile        # adds the torch.compile lever
-    # CPU (~4 min on 2 quiet cores): a reduced SD 1.5-layout UNet (~24M params) at 128 px
+    # CPU (~4 min on 2 quiet cores): a reduced SD 1.5-layout UNet (35M params) at 128 px
     python benchmarks/generate.py --device cpu
 
 FLOPs per pair are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one pair
@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from magicseg.config import DiffusersGeneratorParams, GenerateParams  # noqa: E402
+from magicseg.core.config import DiffusersGeneratorParams, GenerateParams  # noqa: E402
+from magicseg.core.devices import resolve_dtype  # noqa: E402
 from magicseg.generate.base import PromptRecord  # noqa: E402
-from magicseg.generate.diffusers_backend import DiffusersPairGenerator, resolve_dtype  # noqa: E402
+from magicseg.generate.diffusers_backend import DiffusersPairGenerator  # noqa: E402
 
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 """Dense bf16/fp16 tensor-core peak (TFLOP/s) by device-name substring (SXM figures)."""
@@ -47,7 +48,7 @@ ARCHS = {
     # SD 1.5: UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M
     "sd15": dict(unet=(320, 640, 1280, 1280), cross=768, heads=8, vae=(128, 256, 512, 512),
                  text_layers=12, text_heads=12, text_ffn=3072),
-    # the same layout at 1/5 width: UNet ~24M
+    # the same layout at 1/5 width: UNet 35M
     "small": dict(unet=(64, 128, 256, 256), cross=256, heads=8, vae=(32, 64, 128, 128),
                   text_layers=4, text_heads=4, text_ffn=1024),
     # a toy: UNet ~1M
@@ -226,7 +227,7 @@ def main() -> None:
     args.repeats = args.repeats or 3
 
     def params(**kw) -> GenerateParams:
-        opts = dict(model="<in-memory>", scheduler=args.scheduler, steps=args.steps,
+        opts = dict(checkpoint="<in-memory>", scheduler=args.scheduler, steps=args.steps,
                     guidance=args.guidance, device=args.device) | kw  # fmt: skip
         return GenerateParams(
             backend="diffusers",
@@ -237,7 +238,7 @@ def main() -> None:
         )
 
     # 2. One random-init pipeline per dtype; "ours" default and the naive loop share it.
-    dtype = resolve_dtype("auto", device)
+    dtype = resolve_dtype("auto", device, "--dtype")
     t0 = time.perf_counter()
     pipe = build_pipeline(args.arch, args.size, dtype, device)
     n_unet = sum(p.numel() for p in pipe.unet.parameters()) / 1e6

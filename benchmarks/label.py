@@ -40,15 +40,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.tiny_grounded_sam import build_grounding_dino, build_sam  # noqa: E402
 
-from magicseg.config import GroundedSamParams, LabelParams  # noqa: E402
-from magicseg.io import read_image, write_image, write_manifest, write_mask  # noqa: E402
+from magicseg.core.config import GroundedSamParams, LabelParams  # noqa: E402
+from magicseg.core.devices import resolve_device, resolve_dtype  # noqa: E402
+from magicseg.core.io import read_image, write_image, write_manifest, write_mask  # noqa: E402
 from magicseg.label import run_label  # noqa: E402
-from magicseg.label.grounded_sam import (  # noqa: E402
-    GroundedSamLabeler,
-    Timings,
-    resolve_device,
-    resolve_dtype,
-)
+from magicseg.label.grounded_sam import GroundedSamLabeler, Timings  # noqa: E402
 
 NAMES = [("school bus", "owl"), ("dog",), ("red car", "traffic light"), ("cat",)]
 VOCAB = sorted({n for ns in NAMES for n in ns})
@@ -192,7 +188,7 @@ def main() -> None:
         box_threshold=args.box_threshold,
         max_detections=args.max_boxes,
     )
-    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device, "--device"), "--dtype")
     t0 = time.perf_counter()
     fp32 = build_models(args, args.device, torch.float32)
     half = (

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from magicseg.config import TrainParams
+from magicseg.core.config import TrainParams
 from magicseg.model import build_model
 from magicseg.train import Batch, BatchSampler, compute_loss, model_config
 from magicseg.trainer import make_optimizer
@@ -156,8 +156,8 @@ def offline_steps(ks: list[int], vocab_size: int, trainable: int, steps: int, ro
 
 
 def main_offline(args) -> None:
-    from magicseg.config import VocabularyParams
-    from magicseg.vocabulary import build_vocabulary
+    from magicseg.core.config import VocabularyParams
+    from magicseg.core.vocabulary import build_vocabulary
 
     v = VocabularyParams()
     vocab = build_vocabulary(
@@ -219,13 +219,13 @@ def main() -> None:
         src = write_vision_tower(Path(tmp) / "vit", cfg, args.text_dim)
         params = TrainParams.model_validate(
             {
-                "model": "clip",
+                "architecture": "clip",
                 "cf_weight": 1.0,
                 "cf_loss": "hinge_head",
                 "lr": 2e-5,
                 "weight_decay": 0.01,
                 "clip": {
-                    "model": str(src),
+                    "checkpoint": str(src),
                     "decoder_dim": cfg["decoder"],
                     "crop": cfg["size"],
                 },

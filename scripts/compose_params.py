@@ -1,6 +1,6 @@
 """Write params.yaml as DVC's Hydra integration composes it from conf/ (default profile).
 
-Run after changing a default in src/magicseg/config.py: conf/config.yaml is refreshed from the
+Run after changing a default in src/magicseg/core/config.py: conf/config.yaml is refreshed from the
 typed defaults (keeping its header), then params.yaml is composed exactly as `dvc exp run` would.
 Usage: python scripts/compose_params.py [--profile paper]
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from dvc.utils.hydra import compose_and_dump
 
-from magicseg.config import Params
+from magicseg.core.config import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 

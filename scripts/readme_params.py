@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from magicseg.config import params_reference
+from magicseg.core.config import params_reference
 
 readme = Path(__file__).resolve().parents[1] / "README.md"
 text = readme.read_text()

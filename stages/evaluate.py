@@ -1,12 +1,13 @@
-"""Stage `evaluate`: mIoU on held-out procedural scenes (seen vs held-out classes) and on the
-enabled real benchmarks (VOC, Context, COCO-Object, LVIS)."""
+"""Stage `evaluate`: the trained segmenter (or the Grounded-SAM baseline) on the held-out
+procedural test set (seen vs held-out classes) and on the enabled real datasets (VOC,
+Context, COCO-Object, LVIS)."""
 
 from pathlib import Path
 
 import typer
 
-from magicseg.config import load_params
-from magicseg.stage import user_errors
+from magicseg.core.config import load_params
+from magicseg.core.stage import user_errors
 
 
 @user_errors
@@ -14,26 +15,15 @@ def main(
     checkpoint: Path = typer.Option(...),
     vocab: Path = typer.Option(...),
     metrics: Path = typer.Option(...),
-    per_class: Path = typer.Option(..., help="per-class IoU CSV (bar plot)"),
-    gallery: Path = typer.Option(..., help="overlay gallery PNG"),
-    benchmarks: Path = typer.Option(..., help="per-class CSVs and galleries of the benchmarks"),
+    plots: Path = typer.Option(..., help="per_class/<test set>.csv and gallery/<test set>.png"),
     params_file: Path = Path("params.yaml"),
 ) -> None:
-    from magicseg.benchmarks import evaluate_all
+    from magicseg.evaluation.stage import run_evaluate
 
     p = load_params(params_file)
     size = (p.generate.height, p.generate.width)
-    result = evaluate_all(
-        checkpoint,
-        vocab,
-        p.evaluate,
-        p.seed,
-        p.label.grounded_sam,
-        metrics,
-        per_class,
-        gallery,
-        benchmarks,
-        size,
+    result = run_evaluate(
+        checkpoint, vocab, p.evaluate, p.seed, p.label.grounded_sam, size, metrics, plots
     )
     for name, m in result.items():
         if isinstance(m, dict) and "miou" in m:

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import typer
 
-from magicseg.config import load_params
+from magicseg.core.config import load_params
+from magicseg.core.stage import load_vocabulary, rank_suffix, user_errors
 from magicseg.label import run_label
-from magicseg.stage import load_vocabulary, rank_suffix, user_errors
 
 
 @user_errors

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import typer
 
-from magicseg.config import load_params
-from magicseg.prompts import run_prompts
-from magicseg.stage import load_vocabulary, user_errors
+from magicseg.core.config import load_params
+from magicseg.core.stage import load_vocabulary, user_errors
+from magicseg.prompts.stage import run_prompts
 
 
 @user_errors

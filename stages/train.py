@@ -4,9 +4,9 @@ from pathlib import Path
 
 import typer
 
-from magicseg.config import load_params
-from magicseg.io import write_json
-from magicseg.stage import user_errors
+from magicseg.core.config import load_params
+from magicseg.core.io import write_json
+from magicseg.core.stage import user_errors
 
 
 @user_errors

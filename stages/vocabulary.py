@@ -4,10 +4,10 @@ from pathlib import Path
 
 import typer
 
-from magicseg.config import load_params
-from magicseg.io import write_manifest
-from magicseg.stage import user_errors
-from magicseg.vocabulary import build_vocabulary
+from magicseg.core.config import load_params
+from magicseg.core.io import write_manifest
+from magicseg.core.stage import user_errors
+from magicseg.core.vocabulary import build_vocabulary
 
 
 @user_errors

@@ -12,10 +12,10 @@ import sys
 
 
 def tiny_clip_params(clip_dir, **overrides):
-    from magicseg.config import TrainParams
+    from magicseg.core.config import TrainParams
 
     clip = {
-        "model": str(clip_dir),
+        "checkpoint": str(clip_dir),
         "vpt_tokens": 2,
         "decoder_layers": 2,
         "decoder_heads": 2,
@@ -26,7 +26,7 @@ def tiny_clip_params(clip_dir, **overrides):
     }
     clip |= overrides.pop("clip", {})
     base = {
-        "model": "clip",
+        "architecture": "clip",
         "steps": 4,
         "batch_size": 4,
         "num_sampled": 5,
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from magicseg.config import TrainParams
+    from magicseg.core.config import TrainParams
     from magicseg.trainer import fit
 
     torch.set_num_threads(1)

@@ -58,11 +58,11 @@ def make_data(
     ``label/masks`` and ``filter/manifest.parquet`` with paths relative to ``filter/``.
     Returns (vocab_dir, filter_dir, vocab).
     """
-    from magicseg.config import ProceduralGeneratorParams
+    from magicseg.core.config import ProceduralGeneratorParams
+    from magicseg.core.io import write_image, write_manifest, write_mask
+    from magicseg.core.vocabulary import build_vocabulary
     from magicseg.generate.base import PromptRecord
     from magicseg.generate.procedural import ProceduralGenerator
-    from magicseg.io import write_image, write_manifest, write_mask
-    from magicseg.vocabulary import build_vocabulary
 
     vocab = build_vocabulary(
         "procedural", holdout_combination=holdout, holdout_novel_words=novel_words, seed=seed
@@ -104,7 +104,7 @@ def tiny_data(tmp_path_factory):
 
 
 def tiny_train_params(**overrides):
-    from magicseg.config import TrainParams
+    from magicseg.core.config import TrainParams
 
     base = {
         "steps": 3,

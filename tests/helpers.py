@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from magicseg.config import Params
+from magicseg.core.config import Params
+from magicseg.core.io import write_manifest
+from magicseg.core.vocabulary import build_vocabulary
 from magicseg.generate import run_generate
-from magicseg.io import write_manifest
 from magicseg.label import run_label
-from magicseg.prompts import run_prompts
-from magicseg.vocabulary import build_vocabulary
+from magicseg.prompts.stage import run_prompts
 
 
 def make_dataset(

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from magicseg.config import Params, params_to_dict
-from magicseg.io import write_manifest
-from magicseg.prompts import run_prompts
-from magicseg.vocabulary import build_vocabulary
+from magicseg.core.config import Params, params_to_dict
+from magicseg.core.io import write_manifest
+from magicseg.core.vocabulary import build_vocabulary
+from magicseg.prompts.stage import run_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,19 +23,23 @@ import stages.vocabulary as vocabulary_stage
 import yaml
 from tests.scaleout_helpers import ROOT, digest, make_inputs, run_stage
 
-from magicseg import io as mio
 from magicseg.batching import batched_with_oom_retry
-from magicseg.config import FilterParams, GenerateParams, LabelParams, ProceduralGeneratorParams
+from magicseg.core import io as mio
+from magicseg.core.catalogue import CATALOGUE
+from magicseg.core.config import (
+    FilterParams,
+    GenerateParams,
+    LabelParams,
+    ProceduralGeneratorParams,
+)
+from magicseg.core.io import read_manifest
+from magicseg.core.stage import user_errors
 from magicseg.filter import reasons_for
 from magicseg.generate import run_generate
-from magicseg.generate.catalogue import CATALOGUE
 from magicseg.generate.procedural import ProceduralGenerator
-from magicseg.hub import check_model_source
-from magicseg.io import read_manifest
 from magicseg.label import LABELERS, run_label
 from magicseg.label.base import LabelResult
 from magicseg.samplecache import SampleCache, iter_keys
-from magicseg.stage import user_errors
 
 N = len(CATALOGUE)
 
@@ -112,6 +116,11 @@ def _edit_prompts(tmp: Path, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> No
 # --------------------------------------------------------------------------------------------
 def params_unknown_key(t):
     _params(t, "generate", {"batchsize": 8})
+    return _gen(t)
+
+
+def params_renamed_key(t):
+    _params(t, "train", {"model": "clip"})
     return _gen(t)
 
 
@@ -201,25 +210,6 @@ def labeler_mask_wrong_size(t):
     return lambda: run_label(t / "generate", t / "label", LabelParams(), N, labeler=Bad())
 
 
-def model_path_missing(t):
-    return lambda: check_model_source(str(t / "models" / "sd15"), "generate.diffusers.model")
-
-
-def hub_id_offline_not_cached(t):
-    return lambda: check_model_source("nobody/no-such-model-xyz", "label.grounded_sam.detector")
-
-
-def hub_unreachable(t, monkeypatch=None):
-    # online mode, and a closed local port for the hub: the connection is refused at once,
-    # as it is without a network
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    return lambda: check_model_source(
-        "nobody/no-such-model-xyz", "generate.diffusers.model", False, "http://127.0.0.1:9"
-    )
-
-
 def out_of_memory_at_batch_of_one(t):
     def always_oom(batch):
         raise MemoryError
@@ -264,6 +254,7 @@ def _fill_disk_after(monkeypatch, n: int) -> None:
 
 FATAL = [
     (params_unknown_key, "generate.batchsize: unknown key (allowed: backend, batch_size"),
+    (params_renamed_key, "params.yaml: train.model: renamed to train.architecture"),
     (params_wrong_type, "generate.height: Input should be a valid integer"),
     (params_out_of_range, "label.difference.threshold: Input should be less than 1"),
     (params_not_yaml, "params.yaml: not valid YAML"),
@@ -278,13 +269,6 @@ FATAL = [
     (input_manifest_missing, "empty/manifest.parquet: manifest not found"),
     (every_image_unreadable, "label: none of the 12 pairs"),
     (labeler_mask_wrong_size, "labeler 'bad_size' returned a 8x8 mask for the 64x64 image"),
-    (model_path_missing, "generate.diffusers.model: "),
-    (hub_id_offline_not_cached, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
-    (
-        hub_unreachable,
-        "cannot reach the Hugging Face hub for 'nobody/no-such-model-xyz' (no "
-        "network? ConnectError)",
-    ),
     (out_of_memory_at_batch_of_one, "generate (test): out of memory on a batch of 1"),
     (disk_full_generate, "disk full while writing"),
     (disk_full_label, "disk full while writing"),
@@ -325,6 +309,79 @@ def test_stage_script_prints_one_line(base, tmp_path, setup, stage, culprit):
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and culprit in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# model sources: each stage that loads a model prints the README's line, word for word
+# --------------------------------------------------------------------------------------------
+def _readme_line(test_id: str) -> str:
+    """The last column of the README's bad-input row ``test_id`` (between backticks)."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith(f"| `{test_id}` |"):
+            return line.rstrip(" |").rsplit("| `", 1)[1].rstrip("`")
+    raise AssertionError(f"README.md has no bad-input row {test_id}")
+
+
+MODEL_SOURCES = [
+    # (test id, stage, params given, environment)
+    (
+        "model_path_missing",
+        "generate",
+        {"generate": {"backend": "diffusers", "diffusers": {"checkpoint": "./models/sd15"}}},
+        {"HF_HUB_OFFLINE": "1"},
+    ),
+    (
+        "hub_id_offline_not_cached",
+        "label",
+        {"label": {"backend": "grounded_sam", "grounded_sam": {"detector_checkpoint": "org/name"}}},
+        {"HF_HUB_OFFLINE": "1"},
+    ),
+    (  # online, and the hub at a closed local port: refused at once, as without a network
+        "hub_unreachable",
+        "train",
+        {"train": {"architecture": "clip", "clip": {"checkpoint": "org/name"}}},
+        {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "test_id, stage, given, environ", MODEL_SOURCES, ids=[c[0] for c in MODEL_SOURCES]
+)
+def test_model_source_error_is_the_readme_line(base, tmp_path, test_id, stage, given, environ):
+    """Through the stage script, as DVC runs it, in an empty Hugging Face cache: exit 2 and
+    exactly the README's line on stderr, before any model is loaded."""
+    import os
+    import subprocess
+    import sys
+
+    t = _copy(base, tmp_path, "vocabulary", "prompts", "generate", "params.yaml")
+    for section, update in given.items():
+        _params(t, section, update)
+    out = {
+        "generate": ["--prompts", t / "prompts", "--out", t / "out", "--cache", t / "c"],
+        "label": ["--generated", t / "generate", "--out", t / "out", "--metrics", t / "m.json"],
+        "train": [
+            "--data",
+            t / "nowhere",
+            "--out",
+            t / "out",
+            "--metrics",
+            t / "m.json",
+            "--live",
+            t / "live",
+        ],  # fmt: skip
+    }[stage]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"PYTHONPATH": str(ROOT / "src"), "HF_HOME": str(t / "hf"), **environ}
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--vocab", str(t / "vocabulary"),
+         *map(str, out), "--params-file", str(t / "params.yaml")],
+        cwd=t, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert errors == [f"error: {_readme_line(test_id)}"], res.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,12 +487,16 @@ def test_torch_oom_is_recognised():
 
 def test_catalogue_table_lists_every_case():
     table = (ROOT / "docs" / "bad_inputs.md").read_text()
-    names = [f.__name__ for f, _ in FATAL] + [
-        "corrupt_image",
-        "truncated_image",
-        "mask_wrong_size",
-        "out_of_memory_halves_the_batch",
-        "disk_full_keeps_finished_samples",
-    ]
+    names = (
+        [f.__name__ for f, _ in FATAL]
+        + [c[0] for c in MODEL_SOURCES]
+        + [
+            "corrupt_image",
+            "truncated_image",
+            "mask_wrong_size",
+            "out_of_memory_halves_the_batch",
+            "disk_full_keeps_finished_samples",
+        ]
+    )
     missing = [n for n in names if f"`{n}`" not in table]
     assert not missing, missing

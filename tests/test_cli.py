@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from magicseg.cli import app
-from magicseg.io import read_image, read_mask, write_image
+from magicseg.core.io import read_image, read_mask, write_image
 from magicseg.model import build_model, save_checkpoint
 
 runner = CliRunner()
@@ -92,7 +92,7 @@ def test_predict_user_errors_exit_2_with_one_line(tmp_path):
 
 
 def test_info_lists_backends_and_profile(tmp_path):
-    (tmp_path / "params.yaml").write_text("profile: offline\ntrain:\n  model: offline\n")
+    (tmp_path / "params.yaml").write_text("profile: offline\ntrain:\n  architecture: offline\n")
     result = runner.invoke(app, ["info", "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 0, result.output
     assert "profile: offline" in result.output

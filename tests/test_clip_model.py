@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from tests.clip_helpers import tiny_clip_params
 from tests.tiny_clip import tiny_clip_dir
 
-from magicseg.config import params_to_dict
-from magicseg.errors import BackendError
+from magicseg.core.config import params_to_dict
+from magicseg.core.errors import BackendError
 from magicseg.model import build_model, build_text_encoder, load_checkpoint
 from magicseg.model.clip import ZEGCLIP_TEMPLATES, clip_loss, focal_dice_loss
-from magicseg.train import IGNORE, BatchSampler, hinge_cos, load_pairs, model_config, train
+from magicseg.model.losses import IGNORE, hinge_cos
+from magicseg.train import BatchSampler, load_pairs, model_config, train
 from magicseg.trainer import augment, fit, poly_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def clip_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def clip_text(clip_dir):
-    return build_text_encoder("clip", {"model": str(clip_dir), "templates": "single"})
+    return build_text_encoder("clip", {"checkpoint": str(clip_dir), "templates": "single"})
 
 
 def _model(clip_dir, text_dim, **clip):
@@ -83,22 +84,22 @@ def test_forward_shapes_other_sizes_and_prompts_matter(clip_dir, clip_text):
 
 
 def test_text_encoder_averages_templates_and_caches(clip_dir):
-    enc = build_text_encoder("clip", {"model": str(clip_dir)})  # zegclip15
+    enc = build_text_encoder("clip", {"checkpoint": str(clip_dir)})  # zegclip15
     assert len(enc.templates) == 15 and "There is a {} in the scene." in ZEGCLIP_TEMPLATES
     got = enc.encode(["cat", "red ball"])
     each = enc._embed([t.format("cat") for t in ZEGCLIP_TEMPLATES])
     want = F.normalize(each.mean(0), dim=0)
     assert torch.allclose(got[0], want, atol=1e-6)
     assert torch.allclose(got.norm(dim=-1), torch.ones(2), atol=1e-5)
-    single = build_text_encoder("clip", {"model": str(clip_dir), "templates": "single"})
+    single = build_text_encoder("clip", {"checkpoint": str(clip_dir), "templates": "single"})
     assert not torch.allclose(single.encode(["cat"])[0], got[0])
     enc._embed = None  # cached: a second call must not embed again
     assert torch.equal(enc.encode(["red ball"])[0], got[1])
 
 
 def test_missing_model_is_a_backend_error(tmp_path):
-    with pytest.raises(BackendError, match="train.clip.model"):
-        build_text_encoder("clip", {"model": str(tmp_path / "nope")})
+    with pytest.raises(BackendError, match="train.clip.checkpoint"):
+        build_text_encoder("clip", {"checkpoint": str(tmp_path / "nope")})
 
 
 def test_sampled_classes_contain_own_and_no_duplicates(tiny_data, clip_text, clip_dir):
@@ -224,7 +225,7 @@ def test_resume_continues_identically_and_checkpoint_carries_config(
     b = torch.load(tmp_path / "b/model.pt", weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     # the checkpoint carries its model config and rebuilds through the real loading path
-    assert a["model"] == "clip" and a["config"]["model"] == str(clip_dir)
+    assert a["model"] == "clip" and a["config"]["checkpoint"] == str(clip_dir)
     ckpt = load_checkpoint(tmp_path / "a/model.pt", text_encoder=clip_text)
     images = torch.rand(1, 3, 32, 32)
     feats = clip_text.encode(list(vocab.names[:3]))
@@ -299,7 +300,7 @@ def test_siglip_vision_tower_by_directory(tmp_path):
     )
     torch.manual_seed(0)
     SiglipVisionModel(cfg).save_pretrained(tmp_path / "siglip")
-    config = {"model": str(tmp_path / "siglip"), "decoder_dim": 16, "decoder_heads": 2}
+    config = {"checkpoint": str(tmp_path / "siglip"), "decoder_dim": 16, "decoder_heads": 2}
     model = build_model("clip", config | {"vpt_tokens": 2}, 8)
     assert {n for n, p in model.encoder.named_parameters() if p.requires_grad} == {"prompts"}
     assert not model.encoder.has_cls

@@ -1,11 +1,14 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from magicseg.config import Params, load_params, parse_params
-from magicseg.errors import ConfigError
+from magicseg.core.config import RENAMED, Params, load_params, params_reference, parse_params
+from magicseg.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +45,7 @@ def test_paper_profile_composes_to_the_papers_setting(tmp_path):
         20,
         7.5,
     )
-    assert (p.train.model, p.train.steps, p.train.batch_size, p.train.num_sampled) == (
+    assert (p.train.architecture, p.train.steps, p.train.batch_size, p.train.num_sampled) == (
         "clip",
         20000,
         16,
@@ -106,7 +109,7 @@ def test_load_params_errors(tmp_path):
 
 
 def test_readme_params_reference_is_current():
-    from magicseg.config import params_reference
+    from magicseg.core.config import params_reference
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- params-reference:start -->")[1].split(
@@ -114,3 +117,55 @@ def test_readme_params_reference_is_current():
     )[0]
     rows = [line for line in block.splitlines() if line.startswith("| `")]
     assert rows == params_reference(), "regenerate with: python scripts/readme_params.py"
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_renamed_key_is_one_line_naming_the_new_key(tmp_path, old):
+    """An old key, through a real stage script: exit 2, one stderr line naming the new key."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    _set(data, old, "checkpoint" if old == "evaluate.model" else 1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "stages/vocabulary.py"), "--out", str(tmp_path / "v")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    hint = " (checkpoint is now trained)" if old == "evaluate.model" else ""
+    new = RENAMED[old]
+    what = f"renamed to {new}" if isinstance(new, str) else f"replaced by {' and '.join(new)}"
+    assert proc.stderr.splitlines() == [f"error: params.yaml: {old}: {what}{hint}"]
+    assert not (tmp_path / "v").exists()
+
+
+def test_renamed_keys_are_refused_and_new_keys_exist():
+    new = {row.split("`")[1] for row in params_reference()}
+    for old, renamed in RENAMED.items():
+        renamed = (renamed,) if isinstance(renamed, str) else renamed
+        assert set(renamed) <= new and old not in new, old
+    # an old key in a block that also has the new one is still refused
+    with pytest.raises(
+        ConfigError, match=r"^params.yaml: train.model: renamed to train.architecture$"
+    ):
+        parse_params({"train": {"architecture": "offline", "model": "offline"}})
+    # a key replaced by two: the line names both
+    with pytest.raises(
+        ConfigError,
+        match=r"^params.yaml: vocabulary.holdout: replaced by vocabulary.holdout_combination "
+        r"and vocabulary.holdout_novel_words$",
+    ):
+        parse_params({"vocabulary": {"holdout": 8}})

@@ -1,10 +1,10 @@
-"""Benchmark readers on miniature datasets written in each standard layout."""
+"""Real-dataset readers on miniature datasets written in each standard layout."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.benchmark_fixtures import (
+from tests.real_dataset_fixtures import (
     COCO_IDS,
     box_mask,
     make_context,
@@ -14,12 +14,12 @@ from tests.benchmark_fixtures import (
     write_json,
 )
 
-from magicseg.benchmarks import open_enabled
-from magicseg.config import EvaluateParams
-from magicseg.datasets import open_benchmark
-from magicseg.datasets.coco import rasterize
-from magicseg.errors import DataError
-from magicseg.vocabulary import builtin_names
+from magicseg.core.config import EvaluateParams
+from magicseg.core.errors import DataError
+from magicseg.core.vocabulary import builtin_names
+from magicseg.evaluation.datasets import open_real_dataset
+from magicseg.evaluation.datasets.coco import rasterize
+from magicseg.evaluation.real import open_enabled
 
 
 # --------------------------------------------------------------------------------------------
@@ -27,7 +27,7 @@ from magicseg.vocabulary import builtin_names
 # --------------------------------------------------------------------------------------------
 def test_voc_reads_palette_indices_and_keeps_ignore(tmp_path):
     voc, labels = make_voc(tmp_path, classes=(12, 15, 20))
-    ds = open_benchmark("voc", voc)
+    ds = open_real_dataset("voc", voc)
     assert len(ds) == 3 and len(ds.names) == 20 and ds.ignore == 255
     assert ds.names[12 - 1] == "dog" and ds.names[15 - 1] == "person"
     assert ds.variants == {"voc": True, "voc20": False}
@@ -36,7 +36,7 @@ def test_voc_reads_palette_indices_and_keeps_ignore(tmp_path):
         assert s.image.shape == (36, 48, 3) and s.image.dtype == np.uint8
         np.testing.assert_array_equal(s.label, want)  # indices, not palette colours
     assert set(np.unique(samples[2].label)) == {0, 20, 255}
-    assert len(list(open_benchmark("voc", voc, limit=2))) == 2
+    assert len(list(open_real_dataset("voc", voc, limit=2))) == 2
 
 
 def test_voc_label_out_of_range_is_a_data_error(tmp_path):
@@ -47,12 +47,12 @@ def test_voc_label_out_of_range_is_a_data_error(tmp_path):
         voc / "SegmentationClass" / "2007_000000.png"
     )
     with pytest.raises(DataError, match="label 40 is not a class index"):
-        list(open_benchmark("voc", voc))
+        list(open_real_dataset("voc", voc))
 
 
 def test_context_labels_and_variants(tmp_path):
     ctx, labels = make_context(tmp_path)
-    ds = open_benchmark("context", ctx)
+    ds = open_real_dataset("context", ctx)
     assert len(ds.names) == 59 and ds.names[47 - 1] == "sky" and ds.names[59 - 1] == "wood"
     assert ds.variants == {"context": False, "context60": True}
     for s, want in zip(ds, labels, strict=True):
@@ -108,7 +108,7 @@ def _coco(root, extra_categories=()):
 
 def test_coco_instances_rasterise_to_the_semantic_map(tmp_path):
     expected = _coco(tmp_path)
-    ds = open_benchmark("coco_object", tmp_path)
+    ds = open_real_dataset("coco_object", tmp_path)
     assert len(ds) == 2 and ds.ignore == 255 and ds.variants == {"coco_object": True}
     first, second = list(ds)
     car_box = (slice(31, 41), slice(0, 11))  # the polygon: exact edges are pycocotools' call
@@ -126,7 +126,7 @@ def test_coco_instances_rasterise_to_the_semantic_map(tmp_path):
 def test_coco_wrong_categories_are_a_data_error(tmp_path):
     _coco(tmp_path, extra_categories=[{"id": 91, "name": "banner"}])
     with pytest.raises(DataError, match="81 categories, expected 80"):
-        open_benchmark("coco_object", tmp_path)
+        open_real_dataset("coco_object", tmp_path)
 
 
 def test_rasterize_rejects_an_unknown_category():
@@ -152,7 +152,7 @@ def test_lvis_1203_classes_from_coco_images(tmp_path):
     ]
     write_json(tmp_path / "annotations" / "lvis_v1_val.json",
                {"images": [info], "annotations": anns, "categories": cats})  # fmt: skip
-    ds = open_benchmark("lvis", tmp_path)
+    ds = open_real_dataset("lvis", tmp_path)
     assert len(ds.names) == 1203 and ds.ignore == 65535
     (s,) = list(ds)
     expected = np.zeros((h, w), np.int64)
@@ -162,7 +162,7 @@ def test_lvis_1203_classes_from_coco_images(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Missing paths and switched-off benchmarks
+# Missing paths and switched-off datasets
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("name", "layout"),
@@ -175,13 +175,13 @@ def test_lvis_1203_classes_from_coco_images(tmp_path):
 )
 def test_missing_path_is_one_line_naming_the_layout(tmp_path, name, layout):
     with pytest.raises(DataError) as err:
-        open_benchmark(name, tmp_path / "nowhere")
+        open_real_dataset(name, tmp_path / "nowhere")
     msg = str(err.value)
     assert msg.startswith(f"evaluate.{name}.root: {tmp_path / 'nowhere'} does not hold")
     assert layout in msg and "\n" not in msg
 
 
-def test_enabled_benchmark_without_root_and_disabled_ones(tmp_path):
+def test_enabled_dataset_without_root_and_disabled_ones(tmp_path):
     with pytest.raises(DataError, match=r"evaluate\.voc\.root: not set"):
         open_enabled(EvaluateParams(voc={"enabled": True}))
     # switched off: a wrong path is never looked at

@@ -1,5 +1,6 @@
-"""The whole DVC pipeline on a miniature params file: `dvc repro`, a no-op re-run, and a
-params change that re-runs only the affected stages."""
+"""The whole DVC pipeline on a miniature copy of the project, built once per module: every
+stage runs, a no-op re-run, the team workflow through a DVC remote (push, fresh clone, pull:
+nothing to re-run, no metrics difference), and which stages a change marks as changed."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"vocabulary", "check", "prompts", "generate", "label", "filter", "train", "evaluate"}
+DATA_STAGES = {"vocabulary", "prompts", "generate", "label", "filter"}
 
 MINI = {
     "vocabulary": {"holdout_combination": 4, "holdout_novel_words": 1},
@@ -28,8 +32,10 @@ MINI = {
         "val_every": 2,
         "offline": {"width": 8, "depth": 2, "embed_dim": 16},
     },
-    "evaluate": {"test_samples": 8, "gallery": 2},
+    "evaluate": {"test_samples": 8, "gallery_samples": 2},
 }
+GIT_ID = ["-c", "user.name=magicseg test", "-c", "user.email=test@magicseg.invalid"]
+DVC = [sys.executable, "-m", "dvc"]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -40,9 +46,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _run(args: list[str], cwd: Path) -> str:
+    """Run a command in a project copy, with that copy's own ``src`` on the path."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["PYTHONPATH"] = str(cwd / "src")
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -52,48 +59,140 @@ def _ran(log: str) -> set[str]:
     return set(re.findall(r"Running stage '(\w+)'", log))
 
 
-@pytest.mark.slow
-def test_pipeline_end_to_end(tmp_path):
-    # 1. A copy of the project with a miniature params file, in a fresh git + DVC repo.
-    for name in ("dvc.yaml", "stages", "src", "conf"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), MINI)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc = [sys.executable, "-m", "dvc"]
-    _run(["git", "init", "-q"], tmp_path)
-    _run(dvc + ["init", "-q"], tmp_path)
-    _run(dvc + ["config", "core.analytics", "false"], tmp_path)
-    _run(["git", "add", "-A"], tmp_path)
-    git_id = ["-c", "user.name=magicseg test", "-c", "user.email=test@magicseg.invalid"]
-    _run(["git", *git_id, "commit", "-qm", "miniature project"], tmp_path)
+def _changed(cwd: Path) -> set[str]:
+    """Stages ``dvc status`` reports (each one whose own deps, params or outs changed)."""
+    return set(json.loads(_run(DVC + ["status", "--json"], cwd)))
 
-    # 2. Every stage runs and writes its metrics.
-    log = _run(dvc + ["repro"], tmp_path)
-    assert _ran(log) == {
-        "vocabulary",
-        "prompts",
-        "generate",
-        "label",
-        "filter",
-        "train",
-        "evaluate",
-    }
-    metrics = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "metrics").glob("*.json")}
+
+@dataclass
+class Project:
+    root: Path
+    remote: Path
+    log: str
+    params: dict
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Project:
+    """A miniature copy of the project in a fresh git + DVC repo, reproduced, committed (with
+    dvc.lock and the git-tracked metrics) and pushed to a local DVC remote."""
+    # 1. The copy: code, pipeline, profiles and a miniature params file.
+    root = tmp_path_factory.mktemp("project")
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("dvc.yaml", "stages", "src", "conf", ".gitignore"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=skip)
+        else:
+            shutil.copy(src, root / name)
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), MINI)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run(DVC + ["init", "-q"], root)
+    _run(DVC + ["config", "core.analytics", "false"], root)
+    _run(DVC + ["config", "core.check_update", "false"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", *GIT_ID, "commit", "-qm", "miniature project"], root)
+
+    # 2. Reproduce; commit the lock file and the outputs git tracks (cache: false).
+    log = _run(DVC + ["repro"], root)
+    remote = tmp_path_factory.mktemp("remote")
+    _run(DVC + ["remote", "add", "-d", "local", str(remote)], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", *GIT_ID, "commit", "-qm", "reproduced"], root)
+    _run(DVC + ["push"], root)
+    return Project(root, remote, log, params)
+
+
+def _clone(project: Project, dest: Path) -> Path:
+    """A fresh clone of the project with its cached outputs pulled from the remote."""
+    _run(["git", "clone", "-q", str(project.root), str(dest)], project.root.parent)
+    _run(DVC + ["pull"], dest)
+    return dest
+
+
+@pytest.mark.slow
+def test_every_stage_runs_and_writes_its_outputs(project):
+    root = project.root
+    assert _ran(project.log) == STAGES
+    metrics = {p.stem: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json")}
     assert metrics["prompts"]["prompts"] == 24
     assert metrics["label"]["samples"] == 24 and metrics["label"]["oracle_miou"] > 0.3
     assert 0 < metrics["filter"]["kept"] <= 24
     assert metrics["train"]["steps"] == 4
     assert 0.0 <= metrics["eval"]["procedural"]["miou"] <= 1.0
-    assert (tmp_path / "models/model.pt").is_file()
-    assert (tmp_path / "plots/evaluate/gallery.png").is_file()
+    assert metrics["eval"]["procedural"]["segmenter"] == "trained"
+    assert (root / "models/model.pt").is_file()
+    assert (root / "plots/evaluate/gallery/procedural.png").is_file()
+    assert (root / "plots/evaluate/per_class/procedural.csv").is_file()
+    assert (root / "plots/filter/gallery.png").is_file()
+    # nothing changed: nothing runs
+    assert _ran(_run(DVC + ["repro"], root)) == set()
 
-    # 3. Nothing changed: nothing runs.
-    assert _ran(_run(dvc + ["repro"], tmp_path)) == set()
 
-    # 4. A label param: the upstream stages stay cached.
+@pytest.mark.slow
+def test_remote_round_trip_fresh_clone_is_up_to_date(project, tmp_path):
+    """The team workflow behind `dvc metrics diff` in pull requests."""
+    clone = _clone(project, tmp_path / "clone")
+    assert (clone / "models/model.pt").is_file() and (clone / "data/filter").is_dir()
+    assert _changed(clone) == set()
+    assert _ran(_run(DVC + ["repro"], clone)) == set()
+    assert json.loads(_run(DVC + ["metrics", "diff", "--json"], clone)) == {}
+    assert _run(DVC + ["metrics", "diff"], clone).strip() == ""
+    assert json.loads(_run(DVC + ["metrics", "show", "--json"], clone))  # metrics are there
+
+
+def _append_comment(path: Path):
+    original = path.read_text()
+    path.write_text(original + "# an edit\n")
+    return original
+
+
+@pytest.mark.slow
+def test_editing_the_core_marks_every_stage(project):
+    path = project.root / "src/magicseg/core/seeding.py"
+    original = _append_comment(path)
+    try:
+        assert _changed(project.root) == STAGES
+    finally:
+        path.write_text(original)
+    assert _changed(project.root) == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "edited, expected",
+    [
+        ("src/magicseg/trainer.py", {"train"}),
+        ("src/magicseg/model/offline.py", {"train", "evaluate"}),
+        ("src/magicseg/prompts/openai_writer.py", {"prompts", "check"}),  # the LLM probe
+        ("src/magicseg/evaluation/datasets/pascal.py", {"check", "evaluate"}),  # the layouts
+        ("src/magicseg/viz.py", {"filter", "evaluate"}),
+    ],
+)
+def test_editing_a_module_marks_only_the_stages_that_run_it(project, edited, expected):
+    path = project.root / edited
+    original = _append_comment(path)
+    try:
+        changed = _changed(project.root)
+    finally:
+        path.write_text(original)
+    assert changed == expected
+    if edited == "src/magicseg/trainer.py":
+        assert not changed & DATA_STAGES
+
+
+@pytest.mark.slow
+def test_a_label_param_reruns_label_and_what_reads_its_output(project, tmp_path):
+    clone = _clone(project, tmp_path / "clone")
+    params = yaml.safe_load((clone / "params.yaml").read_text())
     params["label"]["difference"]["threshold"] = 0.2
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    ran = _ran(_run(dvc + ["repro"], tmp_path))
-    assert {"label", "filter"} <= ran
-    assert not ran & {"vocabulary", "prompts", "generate"}
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _changed(clone) == {"check", "label"}  # the stages that read label params
+    ran = _ran(_run(DVC + ["repro"], clone))
+    # new labels flow downstream; the pre-flight passes again with the same report, so
+    # prompts and generate (which depend on it) do not run
+    assert ran == {"check", "label", "filter", "train", "evaluate"}
+    assert (clone / "data/check/report.json").read_text() == (
+        project.root / "data/check/report.json"
+    ).read_text()

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from magicseg.config import EvaluateParams
-from magicseg.errors import DataError
-from magicseg.evaluate import _summary, evaluate, make_test_records
-from magicseg.io import read_image, read_json
+from magicseg.core.config import EvaluateParams
+from magicseg.core.errors import DataError
+from magicseg.core.io import read_image, read_json
+from magicseg.core.seeding import derive_seed
+from magicseg.core.vocabulary import build_vocabulary
+from magicseg.evaluation.procedural import make_test_records
+from magicseg.evaluation.report import summarise
+from magicseg.evaluation.stage import run_evaluate
 from magicseg.metrics import ConfusionMatrix
 from magicseg.model import build_model, save_checkpoint
-from magicseg.seeding import derive_seed
-from magicseg.vocabulary import build_vocabulary
 
 
 def test_confusion_matrix_hand_computed():
@@ -55,12 +57,12 @@ def test_summary_reports_each_held_out_kind():
     pred = np.array([[1, 1, 2, 0], [3, 0, 0, 0]])
     cm = ConfusionMatrix(6, ignore_index=255)
     cm.update(pred, target)
-    out = _summary(cm, [1, 2], [3, 4, 5], combination=[3], novel=[4, 5])
+    out = summarise(cm, range(1, 6), [1, 2], [3, 4, 5], {"combination": [3], "novel": [4, 5]})
     assert out["miou_seen"] == pytest.approx((1 + 1 / 2) / 2, abs=1e-4)
     assert out["miou_heldout_combination"] == 0.5 and out["miou_heldout_novel"] == 0.0
     assert out["miou_heldout"] == pytest.approx(0.25)
     # without kinds (vocabularies held out before kinds existed) the keys are None
-    bare = _summary(cm, [1, 2], [3, 4, 5])
+    bare = summarise(cm, range(1, 6), [1, 2], [3, 4, 5])
     assert bare["miou_heldout_combination"] is None and bare["miou_heldout_novel"] is None
 
 
@@ -72,9 +74,11 @@ def test_test_records_cover_every_class_with_fresh_seeds():
     assert sorted(set(firsts)) == list(range(1, len(vocab) + 1))
     assert all(firsts.count(c) == 2 for c in set(firsts))
     assert 0.15 < np.mean([len(r.class_ids) == 2 for r in recs]) < 0.45
-    assert [r.seed for r in recs] == [derive_seed(0, "test", i) for i in range(n)]
+    assert [r.seed for r in recs] == [derive_seed(0, "evaluate.test_sample", i) for i in range(n)]
     train_seeds = {
-        derive_seed(0, "sample", f"r{r:06d}-{k:03d}") for r in range(300) for k in range(10)
+        derive_seed(0, "generate.sample", f"r{r:06d}-{k:03d}")
+        for r in range(300)
+        for k in range(10)
     }
     assert not train_seeds & {r.seed for r in recs}
     assert all(n in r.prompt.lower() for r in recs for n in r.class_names)
@@ -98,15 +102,14 @@ def test_evaluate_writes_metrics_table_and_gallery(
     tmp_path, tiny_data, tiny_encoder, tiny_checkpoint
 ):
     vocab_dir, _, vocab = tiny_data
-    params = EvaluateParams(test_samples=64, batch_size=16, gallery=3)
-    out = evaluate(
+    params = EvaluateParams(test_samples=64, batch_size=16, gallery_samples=3)
+    out = run_evaluate(
         tiny_checkpoint,
         vocab_dir,
         params,
         seed=0,
         metrics_path=tmp_path / "eval.json",
-        per_class_path=tmp_path / "per_class.csv",
-        gallery_path=tmp_path / "gallery.png",
+        plots_dir=tmp_path / "plots",
         text_encoder=tiny_encoder,
     )
     assert read_json(tmp_path / "eval.json") == out
@@ -123,24 +126,27 @@ def test_evaluate_writes_metrics_table_and_gallery(
     assert 0.5 < bg["pixel_acc"] < 1.0 and bg["pixel_acc"] == pytest.approx(bg["iou_background"])
     mf = out["baselines"]["most_frequent"]
     assert mf["class"] in vocab.names and mf["pixel_acc"] < 0.5
-    with open(tmp_path / "per_class.csv") as f:
+    with open(tmp_path / "plots/per_class/procedural.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["class"] == "background"
     splits = {r["split"] for r in rows[1:]}
     assert splits == {"seen", "heldout"}
     held = {vocab.names[c - 1] for c in vocab.holdout}
     assert all((r["split"] == "heldout") == (r["class"] in held) for r in rows[1:])
-    gallery = read_image(tmp_path / "gallery.png")
+    kind = {vocab.names[c - 1]: vocab.holdout_kind(c) or "" for c in range(1, len(vocab) + 1)}
+    assert rows[0]["holdout_kind"] == ""
+    assert all(r["holdout_kind"] == kind[r["class"]] for r in rows[1:])
+    gallery = read_image(tmp_path / "plots/gallery/procedural.png")
     assert gallery.shape[0] > 3 * 128 and gallery.shape[1] >= 5 * 128
 
 
 def test_evaluate_refuses_another_vocabulary(tmp_path, tiny_encoder, tiny_checkpoint):
-    from magicseg.io import write_manifest
+    from magicseg.core.io import write_manifest
 
     other = build_vocabulary("procedural", holdout_combination=4, seed=3, limit=20)
     write_manifest(tmp_path / "vocab2", other.to_frame())
     with pytest.raises(DataError, match="another vocabulary"):
-        evaluate(
+        run_evaluate(
             tiny_checkpoint,
             tmp_path / "vocab2",
             EvaluateParams(test_samples=2),

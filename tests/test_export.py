@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from magicseg.config import FilterParams
-from magicseg.errors import DataError
+from magicseg.core.config import FilterParams
+from magicseg.core.errors import DataError
+from magicseg.core.io import write_image, write_manifest, write_mask
+from magicseg.core.vocabulary import Vocabulary
 from magicseg.export import export_coco
 from magicseg.filter import run_filter
-from magicseg.io import write_image, write_manifest, write_mask
-from magicseg.vocabulary import Vocabulary
 
 pytest.importorskip("pycocotools")
 

@@ -1,12 +1,23 @@
 import json
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 from tests.helpers import make_dataset
 
-from magicseg.config import FilterParams
-from magicseg.filter import REASONS, reasons_for, run_filter
-from magicseg.io import read_image, read_manifest, read_mask
+from magicseg.core.config import FilterParams
+from magicseg.core.io import (
+    ignore_index,
+    read_image,
+    read_manifest,
+    read_mask,
+    write_image,
+    write_mask,
+)
+from magicseg.core.vocabulary import build_vocabulary
+from magicseg.filter import REASONS, reasons_for, run_filter, write_filter_gallery
+from magicseg.viz import IGNORE_GREY, palette
 
 
 def row(**kw):
@@ -64,10 +75,15 @@ def test_good_sample_kept_and_switches():
 
 
 def test_filter_stage(tmp_path):
-    make_dataset(tmp_path, requests=8, per_request=3, drift=0.6)
-    params = FilterParams(max_components=1, gallery=3)
+    vocab, _ = make_dataset(tmp_path, requests=8, per_request=3, drift=0.6)
+    params = FilterParams(max_components=1, gallery_samples=3)
     kept = run_filter(
-        tmp_path / "label", tmp_path / "filter", params, tmp_path / "f.json", tmp_path / "g.png"
+        tmp_path / "label",
+        tmp_path / "filter",
+        params,
+        tmp_path / "f.json",
+        tmp_path / "g.png",
+        vocab=vocab,
     )
     dec = read_manifest(tmp_path / "filter", "decisions.parquet")
     metrics = json.loads((tmp_path / "f.json").read_text())
@@ -80,3 +96,32 @@ def test_filter_stage(tmp_path):
         assert read_mask(tmp_path / "filter" / r.mask).shape == (64, 64)
     g = read_image(tmp_path / "g.png")
     assert g.shape[0] > 6 * 128
+
+
+def test_gallery_greys_the_ignore_value_of_a_uint16_vocabulary(tmp_path):
+    """LVIS (1203 classes) masks are uint16 with ignore 65535: grey in the overlay, and class
+    1000 in its palette colour (a 255-ignore palette would miss both)."""
+    vocab = build_vocabulary("lvis")
+    ignore = ignore_index(len(vocab))
+    assert ignore == 65535
+    image = np.full((16, 16, 3), 200, np.uint8)
+    mask = np.zeros((16, 16), np.int64)
+    mask[:4] = ignore
+    mask[8:] = 1000
+    write_image(tmp_path / "images/a.png", image)
+    write_image(tmp_path / "cf/a.png", image)
+    write_mask(tmp_path / "masks/a.png", mask, len(vocab))
+    frame = pd.DataFrame(
+        [{"id": "a", "image": "images/a.png", "cf_image": "cf/a.png", "mask": "masks/a.png"}]
+    )
+    decisions = pd.DataFrame([{"id": "a", "kept": True, "reason": None, "reasons": []}])
+    write_filter_gallery(tmp_path, frame, decisions, vocab, 1, tmp_path / "g.png")
+    g = read_image(tmp_path / "g.png")
+    tile = 128  # 16 px enlarged 8x; third tile = the overlay, after two tiles and the padding
+    x0 = 2 + 2 * (tile + 2)
+    overlay = g[2 : 2 + tile, x0 : x0 + tile]
+    grey = round(0.45 * 200 + 0.55 * IGNORE_GREY)
+    assert (overlay[:32] == grey).all()
+    want = np.rint(0.45 * 200 + 0.55 * palette(len(vocab))[1000].astype(float))
+    assert (overlay[64:] == want).all()
+    assert (overlay[40:56] == 200).all()  # background untouched

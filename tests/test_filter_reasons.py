@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from magicseg.config import FilterParams
+from magicseg.core.config import FilterParams
+from magicseg.core.io import write_manifest
 from magicseg.filter import REASONS, reasons_for, run_filter
-from magicseg.io import write_manifest
 from magicseg.label import _row
 from magicseg.label.base import LabelResult
 from magicseg.label.grounded_sam import Detection, class_scores, compose_mask

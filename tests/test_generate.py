@@ -6,13 +6,13 @@ import pytest
 from scipy import ndimage
 from tests.helpers import make_dataset
 
-from magicseg.config import ProceduralGeneratorParams
-from magicseg.errors import DataError
+from magicseg.core.catalogue import BY_NAME, CATALOGUE, COLOURS, SHAPES, min_colour_distance
+from magicseg.core.config import ProceduralGeneratorParams
+from magicseg.core.errors import DataError
+from magicseg.core.io import read_image, read_manifest, read_mask
 from magicseg.generate import records_from_manifest
 from magicseg.generate.base import PromptRecord
-from magicseg.generate.catalogue import BY_NAME, CATALOGUE, COLOURS, SHAPES, min_colour_distance
 from magicseg.generate.procedural import ProceduralGenerator, read_prompt, shape_mask
-from magicseg.io import read_image, read_manifest, read_mask
 
 
 def rec(prompt="A red kite in a misty pine forest", names=("red kite",), ids=(1,), seed=3):

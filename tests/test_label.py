@@ -4,11 +4,9 @@ import numpy as np
 import pytest
 from tests.helpers import make_dataset
 
-from magicseg.config import DifferenceLabelerParams, ProceduralGeneratorParams
-from magicseg.generate.base import PromptRecord
-from magicseg.generate.catalogue import BY_NAME, COLOURS, SHAPES
-from magicseg.generate.procedural import ProceduralGenerator
-from magicseg.io import (
+from magicseg.core.catalogue import BY_NAME, COLOURS, SHAPES
+from magicseg.core.config import DifferenceLabelerParams, ProceduralGeneratorParams
+from magicseg.core.io import (
     IGNORE_U8,
     IGNORE_U16,
     ignore_index,
@@ -17,6 +15,8 @@ from magicseg.io import (
     read_mask,
     write_mask,
 )
+from magicseg.generate.base import PromptRecord
+from magicseg.generate.procedural import ProceduralGenerator
 from magicseg.label import class_iou, mask_stats
 from magicseg.label.base import LabelInput
 from magicseg.label.difference import DifferenceLabeler, assign_classes
@@ -143,7 +143,7 @@ def test_unreadable_image_is_recorded_not_fatal(tmp_path):
     make_dataset(tmp_path, requests=2, per_request=2)
     gen = read_manifest(tmp_path / "generate")
     (tmp_path / "generate" / gen["image"][1]).write_bytes(b"\x89PNG truncated")
-    from magicseg.config import LabelParams
+    from magicseg.core.config import LabelParams
     from magicseg.label import run_label
 
     out = run_label(tmp_path / "generate", tmp_path / "l2", LabelParams(), 48)

@@ -17,9 +17,9 @@ import pytest
 import torch
 from tests.tiny_grounded_sam import bert_tokenizer, save_grounded_sam
 
-from magicseg.config import GroundedSamParams, LabelParams
-from magicseg.errors import BackendError
-from magicseg.io import read_manifest, read_mask, write_image, write_manifest
+from magicseg.core.config import GroundedSamParams, LabelParams
+from magicseg.core.errors import BackendError
+from magicseg.core.io import read_manifest, read_mask, write_image, write_manifest
 from magicseg.label import LABELERS, run_label
 from magicseg.label.base import LabelInput
 from magicseg.label.grounded_sam import (
@@ -51,7 +51,9 @@ def tokenizer():
 
 def _params(model_dirs, **kw) -> GroundedSamParams:
     det, seg = model_dirs
-    return GroundedSamParams(detector=str(det), segmenter=str(seg), device="cpu", **kw)
+    return GroundedSamParams(
+        detector_checkpoint=str(det), sam_checkpoint=str(seg), device="cpu", **kw
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ def test_run_label_writes_boxes_and_survives_a_corrupt_image(model_dirs, tmp_pat
     params = LabelParams(
         backend="grounded_sam",
         grounded_sam=GroundedSamParams(
-            detector=str(det), segmenter=str(seg), device="cpu", box_threshold=0.0
+            detector_checkpoint=str(det), sam_checkpoint=str(seg), device="cpu", box_threshold=0.0
         ),
     )
     out = run_label(
@@ -293,27 +295,27 @@ def test_run_label_writes_boxes_and_survives_a_corrupt_image(model_dirs, tmp_pat
 
 
 def test_missing_local_directory(tmp_path):
-    params = GroundedSamParams(detector=str(tmp_path / "nope"), device="cpu")
-    with pytest.raises(BackendError, match="detector: local directory .* does not exist"):
+    params = GroundedSamParams(detector_checkpoint=str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(BackendError, match="detector_checkpoint: .*nope does not exist"):
         LABELERS.build("grounded_sam", LabelParams(backend="grounded_sam", grounded_sam=params))
 
 
 def test_uncached_hub_id_offline(model_dirs):
-    params = GroundedSamParams(detector="nobody/no-such-detector", device="cpu")
+    params = GroundedSamParams(detector_checkpoint="nobody/no-such-detector", device="cpu")
     with pytest.raises(BackendError, match="not in the local Hugging Face cache"):
         GroundedSamLabeler(params)
 
 
 def test_wrong_model_type(model_dirs):
     det, _ = model_dirs
-    params = GroundedSamParams(detector=str(det), segmenter=str(det), device="cpu")
-    with pytest.raises(BackendError, match="segmenter: .* is a 'grounding-dino' model"):
+    params = GroundedSamParams(detector_checkpoint=str(det), sam_checkpoint=str(det), device="cpu")
+    with pytest.raises(BackendError, match="sam_checkpoint: .* is a 'grounding-dino' model"):
         GroundedSamLabeler(params)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_requested_without_cuda(model_dirs):
-    with pytest.raises(BackendError, match="CUDA is unavailable"):
+    with pytest.raises(BackendError, match="CUDA is not available"):
         GroundedSamLabeler(_params(model_dirs).model_copy(update={"device": "cuda"}))
 
 
@@ -356,7 +358,7 @@ def test_preprocessing_matches_the_image_processors(model_dirs, shape):
 
 
 def test_stage_metrics_and_filter_reasons_from_scripted_detections(labeler, tmp_path):
-    from magicseg.config import FilterParams
+    from magicseg.core.config import FilterParams
     from magicseg.filter import run_filter
 
     gen = tmp_path / "generate"

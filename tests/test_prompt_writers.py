@@ -3,28 +3,25 @@ HTTP server on 127.0.0.1, and the transformers writer on a tiny random causal LM
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from tests.chat_server import ChatServer, Reply
 
-from magicseg.config import OpenAIWriterParams, PromptsParams, TransformersWriterParams
-from magicseg.errors import BackendError, DataError
-from magicseg.io import read_json, read_manifest
-from magicseg.prompts import WRITERS, build_writer, run_prompts
+from magicseg.core.config import OpenAIWriterParams, PromptsParams, TransformersWriterParams
+from magicseg.core.errors import BackendError, DataError
+from magicseg.core.io import read_json, read_manifest
+from magicseg.core.seeding import derive_seed
+from magicseg.core.vocabulary import Vocabulary
 from magicseg.prompts.base import PromptRequest
 from magicseg.prompts.cache import ResponseCache, cache_key
 from magicseg.prompts.counterfactual import make_counterfactual, mentions
 from magicseg.prompts.parsing import parse_descriptions, parse_rewrite, request_messages
-from magicseg.seeding import derive_seed
-from magicseg.vocabulary import Vocabulary
+from magicseg.prompts.stage import WRITERS, build_writer, run_prompts
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 KEY_ENV = "MAGICSEG_TEST_KEY"
@@ -113,147 +110,13 @@ def test_cache_key_roundtrip_and_corrupt_entry(tmp_path):
     assert (cache.hits, cache.misses) == (1, 2)
 
 
-# ------------------------------------------------------------------------------------------
-# a chat-completions server on 127.0.0.1
-# ------------------------------------------------------------------------------------------
-@dataclass
-class Reply:
-    status: int = 200
-    body: str | dict | None = None  # None: a well-formed answer made from the request
-    content: str | None = None  # the answer text (None: numbered descriptions)
-    headers: dict = field(default_factory=dict)
-    delay: float = 0.0
-
-
-def fake_answer(body: dict) -> str:
-    """Deterministic answer of a model to a request: numbered descriptions of the classes, or
-    a counterfactual rewrite without them."""
-    user = body["messages"][-1]["content"]
-    seed = body.get("seed")
-    if user.startswith("Rewrite"):
-        return f'"An empty rainy street with puddles and neon signs, take {seed}."'
-    line = re.search(r"Objects to include: (.*)\.", user).group(1)
-    classes = re.findall(r'"([^"]+)"', line)
-    n = int(re.search(r"Write (\d+) different", user).group(1))
-    colours = ["red", "blue", "green", "grey", "yellow", "white", "black", "orange"]
-    items = []
-    for k in range(n):
-        things = " next to a ".join(
-            f"{colours[(seed + k + j) % 8]} {c}" for j, c in enumerate(classes)
-        )
-        items.append(f"{k + 1}. A {things} in a busy market, scene {seed}-{k}, {body['model']}.")
-    return "Here you go:\n" + "\n".join(items)
-
-
-class ChatServer:
-    """ThreadingHTTPServer speaking /v1/chat/completions and /v1/models; ``script(i, body)``
-    (i = 0-based chat request count) returns the Reply. Shuts itself down after ``lifetime``."""
-
-    def __init__(self, script=lambda i, body: Reply(), lifetime: float = 30.0):
-        self.script = script
-        self.bodies: list[dict] = []
-        self.auth: list[str] = []
-        self.inflight = 0
-        self.max_inflight = 0
-        lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status, payload, headers=None):
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def do_GET(self):
-                if self.path.endswith("/models"):
-                    self._send(200, {"object": "list", "data": [{"id": "m", "object": "model"}]})
-                else:
-                    self._send(404, {"error": {"message": "no such route"}})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with lock:
-                    i = len(server.bodies)
-                    server.bodies.append(body)
-                    server.auth.append(self.headers.get("Authorization", ""))
-                    server.inflight += 1
-                    server.max_inflight = max(server.max_inflight, server.inflight)
-                try:
-                    reply = server.script(i, body)
-                    time.sleep(reply.delay)
-                    if reply.status != 200:
-                        err = {"error": {"message": f"scripted {reply.status}", "type": "x"}}
-                        self._send(reply.status, err, reply.headers)
-                    elif isinstance(reply.body, str):
-                        self._send(200, reply.body.encode(), reply.headers)
-                    else:
-                        content = reply.content if reply.content is not None else fake_answer(body)
-                        payload = reply.body or {
-                            "id": f"c{i}",
-                            "object": "chat.completion",
-                            "created": 0,
-                            "model": body["model"],
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": content},
-                                }
-                            ],
-                            "usage": {
-                                "prompt_tokens": 100,
-                                "completion_tokens": 10,
-                                "total_tokens": 110,
-                            },
-                        }
-                        self._send(200, payload, reply.headers)
-                finally:
-                    with lock:
-                        server.inflight -= 1
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._timer = threading.Timer(lifetime, self.httpd.shutdown)
-        self._timer.daemon = True
-
-    @property
-    def calls(self) -> int:
-        return len(self.bodies)
-
-    def __enter__(self) -> ChatServer:
-        self._thread.start()
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._timer.cancel()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(timeout=5)
-
-
 @pytest.fixture
 def key_env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
 
 
 def oparams(server: ChatServer | None = None, **kw) -> OpenAIWriterParams:
-    base = {"model": "tiny-chat", "api_key_env": KEY_ENV, "max_retries": 3, "timeout_s": 5.0}
+    base = {"llm": "tiny-chat", "api_key_env": KEY_ENV, "max_retries": 3, "timeout_s": 5.0}
     if server is not None:
         base["base_url"] = server.base_url
     return OpenAIWriterParams(**(base | kw))
@@ -473,7 +336,7 @@ def test_run_prompts_resumes_after_crash(tmp_path, key_env):
     # 1. The server answers the first chunk (4 requests), then fails hard, except for the
     # second request of the next chunk, which is slow and still in flight when the first one
     # has failed for good: the stage dies with 5 answers cached.
-    slow_ok = derive_seed(3, 5) % 2**31
+    slow_ok = derive_seed(3, "prompts.request", 5) % 2**31
 
     def script(i, body):
         if i < 4:
@@ -587,7 +450,7 @@ def tiny_lm(tmp_path_factory) -> Path:
 def twriter(tiny_lm, cache_dir, **kw):
     from magicseg.prompts.transformers_writer import TransformersWriter
 
-    params = TransformersWriterParams(**({"model": str(tiny_lm), "max_new_tokens": 20} | kw))
+    params = TransformersWriterParams(**({"checkpoint": str(tiny_lm), "max_new_tokens": 20} | kw))
     return TransformersWriter(params, cache_dir=cache_dir)
 
 
@@ -652,7 +515,9 @@ def test_transformers_cache_needs_no_model(tiny_lm, tmp_path):
 
 
 def test_transformers_clear_errors(tiny_lm, tmp_path):
-    with pytest.raises(BackendError, match="prompts.transformers.model: .*missing does not exist"):
+    with pytest.raises(
+        BackendError, match="prompts.transformers.checkpoint: .*missing does not exist"
+    ):
         twriter(tmp_path / "missing", tmp_path / "c").write(REQS)
     from transformers import AutoTokenizer
 
@@ -726,7 +591,9 @@ def test_run_prompts_transformers_live_and_cached_identical(wordy_lm, tmp_path):
         requests=6,
         per_request=2,
         two_class_fraction=0.3,
-        transformers=TransformersWriterParams(model=str(wordy_lm), max_new_tokens=24, batch_size=4),
+        transformers=TransformersWriterParams(
+            checkpoint=str(wordy_lm), max_new_tokens=24, batch_size=4
+        ),
     )
     live = stage(params, tmp_path, "live")
     stage(params, tmp_path, "cached")

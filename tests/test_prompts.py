@@ -1,12 +1,12 @@
 import pandas as pd
 import pytest
 
-from magicseg.config import PromptsParams
-from magicseg.prompts import plan_requests, run_prompts
+from magicseg.core.config import PromptsParams
+from magicseg.core.vocabulary import build_vocabulary
 from magicseg.prompts.base import PromptRequest
 from magicseg.prompts.counterfactual import make_counterfactual, mentions, plural
+from magicseg.prompts.stage import plan_requests, run_prompts
 from magicseg.prompts.template import TemplateWriter
-from magicseg.vocabulary import build_vocabulary
 
 
 @pytest.mark.parametrize(

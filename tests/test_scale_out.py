@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from tests.scaleout_helpers import digest, env, make_inputs, stage_cmd
 
-from magicseg.config import LabelParams
+from magicseg.core.catalogue import CATALOGUE
+from magicseg.core.config import LabelParams
+from magicseg.core.errors import DataError
+from magicseg.core.io import read_manifest
 from magicseg.distributed import current, owner, shard
-from magicseg.errors import DataError
 from magicseg.generate import TEST_SLEEP_ENV, run_generate
-from magicseg.generate.catalogue import CATALOGUE
 from magicseg.generate.procedural import ProceduralGenerator
-from magicseg.io import read_manifest
 from magicseg.label import run_label
 from magicseg.samplecache import SampleCache, iter_keys, materialise, remove_stale_temps
 

@@ -1,7 +1,7 @@
 import pytest
 
-from magicseg.errors import DataError
-from magicseg.vocabulary import (
+from magicseg.core.errors import DataError
+from magicseg.core.vocabulary import (
     Vocabulary,
     build_vocabulary,
     builtin_names,

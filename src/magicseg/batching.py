@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from magicseg.errors import BackendError
+from magicseg.core.errors import BackendError
 
 T = TypeVar("T")
 R = TypeVar("R")

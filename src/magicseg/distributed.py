@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from magicseg.errors import DataError
-from magicseg.io import atomic_path
+from magicseg.core.errors import DataError
+from magicseg.core.io import atomic_path
 
 SHARDS = ".shards"
 WAIT_ENV = "MAGICSEG_SHARD_WAIT_S"

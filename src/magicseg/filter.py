@@ -24,17 +24,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
 
-from magicseg.config import FilterParams
-from magicseg.io import (
-    atomic_path,
+from magicseg.core.config import FilterParams
+from magicseg.core.errors import DataError
+from magicseg.core.io import (
+    ignore_index,
     read_image,
     read_manifest,
     read_mask,
     write_json,
     write_manifest,
 )
+from magicseg.core.seeding import rng
+from magicseg.core.vocabulary import Vocabulary
+from magicseg.viz import class_legend, overlay, palette, upscale, write_gallery
+
+GALLERY_TILE = 128
+"""Gallery images are enlarged (integer factor) to at least this many pixels."""
 
 REASONS = (
     "unreadable",
@@ -93,12 +99,16 @@ def run_filter(
     metrics_path: str | Path | None = None,
     gallery_path: str | Path | None = None,
     seed: int = 0,
+    vocab: Vocabulary | None = None,
 ) -> pd.DataFrame:
     """Write the kept samples' ``manifest.parquet`` and every sample's ``decisions.parquet``.
 
     The kept manifest has the label manifest's columns with paths re-rooted at ``out_dir``.
-    ``decisions.parquet``: id, kept, reason (first, None when kept), reasons (all).
+    ``decisions.parquet``: id, kept, reason (first, None when kept), reasons (all). The
+    gallery (``gallery_path``) needs the ``vocab`` the masks index (class names, ignore value).
     """
+    if gallery_path is not None and vocab is None:
+        raise ValueError("run_filter: the gallery needs the vocabulary")
     # 1. Decide.
     label_dir, out_dir = Path(label_dir), Path(out_dir)
     frame = read_manifest(label_dir)
@@ -124,7 +134,9 @@ def run_filter(
     if metrics_path is not None:
         write_json(metrics_path, filter_metrics(frame, decisions))
     if gallery_path is not None:
-        draw_gallery(label_dir, frame, decisions, params.gallery, gallery_path, seed)
+        write_filter_gallery(
+            label_dir, frame, decisions, vocab, params.gallery_samples, gallery_path, seed
+        )
     return kept
 
 
@@ -152,62 +164,42 @@ def _round(x: float) -> float | None:
     return None if math.isnan(x) else round(float(x), 4)
 
 
-PALETTE = np.random.default_rng(3).integers(40, 255, size=(4096, 3)).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, ignore: int | None = None) -> np.ndarray:
-    """HWC uint8 image with class colours blended in (background untouched, ignore in grey)."""
-    out = image.astype(np.float32)
-    fg = mask > 0
-    colours = PALETTE[np.clip(mask, 0, len(PALETTE) - 1)].astype(np.float32)
-    if ignore is not None:
-        colours[mask == ignore] = 128
-    out[fg] = 0.45 * out[fg] + 0.55 * colours[fg]
-    return out.astype(np.uint8)
-
-
-def draw_gallery(
+def write_filter_gallery(
     label_dir: Path,
     frame: pd.DataFrame,
     decisions: pd.DataFrame,
+    vocab: Vocabulary,
     per_side: int,
     path: str | Path,
     seed: int = 0,
 ) -> None:
-    """A PNG grid: rows of kept then dropped samples (positive | counterfactual | overlay),
-    with the drop reason written under each dropped row. Samples picked by seed."""
+    """A PNG of rows of kept then dropped samples (positive | counterfactual | mask overlay,
+    ignore pixels grey), each captioned with its id and decision, and a legend of the classes
+    shown. ``per_side`` samples of each side, picked from stream ``filter.gallery``."""
     if per_side == 0:
         return
-    rng = np.random.default_rng(seed)
-    rows = []
+    pick = rng(seed, "filter.gallery")
+    chosen = []
     for kept in (True, False):
         idx = np.flatnonzero(decisions["kept"].to_numpy() == kept)
-        for i in sorted(rng.choice(idx, size=min(per_side, len(idx)), replace=False)):
-            rows.append((frame.iloc[i], decisions.iloc[i]))
-    if not rows:
-        return
-    tiles = []
-    for row, dec in rows:
+        chosen += sorted(pick.choice(idx, size=min(per_side, len(idx)), replace=False))
+    colours = palette(len(vocab))
+    ignore = ignore_index(len(vocab))
+    rows, captions, masks = [], [], []
+    for i in chosen:
+        row, dec = frame.iloc[i], decisions.iloc[i]
         try:
             pos = read_image(label_dir / row["image"])
             cf = read_image(label_dir / row["cf_image"])
-        except Exception:
+        except DataError:
             continue
         h, w = pos.shape[:2]
-        mask = read_mask(label_dir / row["mask"]) if row["mask"] else np.zeros((h, w), int)
-        strip = np.concatenate([pos, cf, overlay(pos, mask, 255)], axis=1)
-        scale = max(1, 128 // h)
-        im = Image.fromarray(strip).resize((strip.shape[1] * scale, h * scale), Image.NEAREST)
-        canvas = Image.new("RGB", (im.width, im.height + 14), (255, 255, 255))
-        canvas.paste(im, (0, 0))
-        label = "kept" if dec["kept"] else f"dropped: {dec['reason']}"
-        ImageDraw.Draw(canvas).text((2, im.height + 1), f"{row['id']}  {label}", fill=(0, 0, 0))
-        tiles.append(np.asarray(canvas))
-    if not tiles:
-        return
-    width = max(t.shape[1] for t in tiles)
-    tiles = [
-        np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles
-    ]
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.concatenate(tiles, axis=0)).save(tmp, format="PNG")
+        mask = read_mask(label_dir / row["mask"]) if row["mask"] else np.zeros((h, w), np.int64)
+        factor = max(1, GALLERY_TILE // h)
+        rows.append([upscale(im, factor) for im in (pos, cf, overlay(pos, mask, colours, ignore))])
+        decision = "kept" if dec["kept"] else f"dropped: {dec['reason']}"
+        captions.append(f"{row['id']}  {decision}")
+        masks.append(mask)
+    if rows:
+        legend_items = class_legend(masks, list(vocab.names), colours)
+        write_gallery(path, rows, captions, legend_items)

@@ -3,7 +3,7 @@
 Backends call :func:`check_model_source` first, so a typo in a path or a hub id that cannot be
 fetched fails in one line naming the params key, before any expensive work:
 
-    generate.diffusers.model: ./models/sd15 does not exist (a local model directory or a hub id
+    generate.diffusers.checkpoint: ./models/sd15 does not exist (a local model directory or a hub id
     like 'org/name')
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from magicseg.errors import BackendError
+from magicseg.core.errors import BackendError
 
 
 def looks_like_path(ref: str) -> bool:
@@ -26,7 +26,14 @@ def looks_like_path(ref: str) -> bool:
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """``HF_HUB_OFFLINE`` is set (in the environment, or as huggingface_hub read it)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - comes with transformers and diffusers
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def check_model_source(

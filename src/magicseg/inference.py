@@ -1,4 +1,5 @@
-"""Inference on images of any size, and the Python API ``magicseg.predict``.
+"""Inference with a trained checkpoint on images of any size, and the Python API
+``from magicseg.inference import predict``.
 
 The protocol of the annotation-free open-vocabulary segmentation literature (mmseg's
 ``slide`` mode): the image is resized so its short side is ``short_side`` (bilinear), scored in
@@ -17,7 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from magicseg.errors import DataError
+from magicseg.core.devices import resolve_device
+from magicseg.core.errors import DataError
+from magicseg.core.io import read_image
+from magicseg.model import Checkpoint, load_checkpoint
+from magicseg.model.base import to_tensor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -87,7 +92,7 @@ def labels_from_logits(
     channel), so 1203 LVIS classes at full resolution never sit in memory at once.
     ``with background``: argmax over all, or, with ``bg_threshold``, the best foreground class
     where its softmax probability reaches the threshold and 0 elsewhere; ``foreground only``:
-    argmax over classes 1..K (for benchmarks that do not score background).
+    argmax over classes 1..K (for test sets that do not score background).
     """
     c = logits.shape[1]
     best = best_fg = lse = arg = arg_fg = None
@@ -121,19 +126,67 @@ def labels_from_logits(
     return arg, arg_fg
 
 
+class Predictor:
+    """Scores every pixel of a batch against a set of class names with a loaded checkpoint.
+
+    ``set_classes(names)`` encodes the names once; ``predict(images)`` returns Bx(1+K)xHxW
+    logits (channel 0 = background, ``k`` = the ``k``-th name). Images of another size than
+    the checkpoint's training size are resized to it and the logits resized back (bilinear).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu") -> None:
+        self.ckpt = checkpoint
+        self.device = torch.device(device)
+        self.model = checkpoint.model.to(self.device).eval()
+        self.names: list[str] = []
+        self._features: torch.Tensor | None = None
+
+    def set_classes(self, names: Sequence[str], templates: Sequence[str] = ("{}",)) -> None:
+        """Encode the class names once (KxT text features); with several ``templates``
+        ("a photo of a {}."), a class's features are the normalised mean over its templates."""
+        names = [n.strip() for n in names if n.strip()]
+        if not names:
+            raise DataError("no class names given")
+        self.names = names
+        encode = self.ckpt.text_encoder.encode
+        feats = [encode([t.format(n) for n in names]).float() for t in templates]
+        mean = feats[0] if len(feats) == 1 else F.normalize(torch.stack(feats).mean(0), dim=-1)
+        self._features = mean.to(self.device)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
+        """Bx3xHxW float in [0, 1] -> Bx(1+K)xHxW float logits (CPU, or the model's device
+        with ``to_cpu=False``)."""
+        if self._features is None:
+            raise DataError("set_classes() first")
+        h, w = images.shape[-2:]
+        x = images.to(self.device)
+        th, tw = self.ckpt.image_size
+        if (h, w) != (th, tw):
+            x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
+        logits = self.model(x, self._features).logits
+        if (h, w) != (th, tw):
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return logits.float().cpu() if to_cpu else logits.float()
+
+
 class SlidingPredictor:
-    """A :class:`magicseg.model.predictor.Predictor` on images of any size (see the module
-    docstring). ``__call__(image)`` -> (with background, foreground only) HxW int64 labels
-    at the image's size, on the predictor's device."""
+    """A :class:`Predictor` on images of any size (see the module docstring).
+
+    ``segment(images)`` -> per image (with background, foreground only) HxW int64 labels at
+    the image's size, on the predictor's device; images of one size go through the model
+    ``batch_size`` at a time. ``__call__(image)`` is ``segment([image])[0]``.
+    """
 
     def __init__(
         self,
-        predictor,
+        predictor: Predictor,
         short_side: int | None = None,
         window: int | None = None,
         stride: int | None = None,
         bg_threshold: float | None = None,
         templates: Sequence[str] = ("{}",),
+        batch_size: int = 1,
     ) -> None:
         self.predictor = predictor
         self.short_side = short_side
@@ -141,18 +194,18 @@ class SlidingPredictor:
         self.stride = stride
         self.bg_threshold = bg_threshold
         self.templates = tuple(templates)
+        self.batch_size = batch_size
 
     def set_classes(self, names: Sequence[str]) -> None:
         self.predictor.set_classes(names, self.templates)
 
-    def logits(self, image: np.ndarray) -> torch.Tensor:
-        """HWC uint8 -> 1x(1+K)xhxw logits at the resized (short side) resolution."""
-        from magicseg.model.predictor import to_tensor
-
-        x = to_tensor([image]).to(self.predictor.device)
+    def logits(self, images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+        """B HWC uint8 images of one size -> Bx(1+K)xhxw logits at the resized (short side)
+        resolution."""
+        x = to_tensor(images).to(self.predictor.device)
         x = resize_short_side(x, self.short_side)
         # crops per forward: at most 8, and ~1.5 GB of float32 logits (1 for LVIS at 448 px)
-        per_crop = 4 * (1 + len(self.predictor.names)) * (self.window or 1) ** 2
+        per_crop = 4 * (1 + len(self.predictor.names)) * (self.window or 1) ** 2 * len(x)
         batch = max(1, min(8, int(1.5e9 // per_crop)))
         return slide(
             lambda crop: self.predictor.predict(crop, to_cpu=False),
@@ -162,8 +215,30 @@ class SlidingPredictor:
             batch,
         )
 
+    def segment(
+        self, images: Sequence[np.ndarray] | np.ndarray
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """HWC uint8 images (any sizes) -> per image (with background, foreground only)."""
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        start = 0
+        while start < len(images):
+            # a run of images of the first one's size, at most batch_size long
+            size = images[start].shape[:2]
+            end = start + 1
+            while end < len(images) and end - start < self.batch_size:
+                if images[end].shape[:2] != size:
+                    break
+                end += 1
+            logits = self.logits(images[start:end])
+            out += [
+                labels_from_logits(logits[i : i + 1], size, self.bg_threshold)
+                for i in range(end - start)
+            ]
+            start = end
+        return out
+
     def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return labels_from_logits(self.logits(image), image.shape[:2], self.bg_threshold)
+        return self.segment([image])[0]
 
 
 def expand_inputs(inputs: Sequence[str | Path] | str | Path) -> list[Path]:
@@ -213,10 +288,6 @@ def predict(
     protocol for large images (None: the whole image at once). ``device``: default CUDA when
     available.
     """
-    from magicseg.io import read_image
-    from magicseg.model import Checkpoint, load_checkpoint
-    from magicseg.model.predictor import Predictor
-
     # 1. Inputs, checked before the model is loaded.
     names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes)
     names = [n for n in names if n]
@@ -235,9 +306,13 @@ def predict(
     # 2. Model and class features.
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else None
     ckpt = ckpt or load_checkpoint(checkpoint, text_encoder=text_encoder)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     runner = SlidingPredictor(
-        Predictor(ckpt, device=device), short_side, window, stride, bg_threshold, templates
+        Predictor(ckpt, device=resolve_device(device, "predict: device")),
+        short_side,
+        window,
+        stride,
+        bg_threshold,
+        templates,
     )
     runner.set_classes(names)
 

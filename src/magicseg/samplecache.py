@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from magicseg.errors import DataError
-from magicseg.io import atomic_path
+from magicseg.core.errors import DataError
+from magicseg.core.io import atomic_path
 
 ENTRY = "entry.json"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -38,12 +38,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from magicseg.config import TrainParams, params_to_dict
-from magicseg.errors import ConfigError, DataError
-from magicseg.io import ignore_index, read_image, read_manifest, read_mask
+from magicseg.core.config import TrainParams, params_to_dict
+from magicseg.core.devices import resolve_device
+from magicseg.core.errors import ConfigError, DataError
+from magicseg.core.io import ignore_index, read_image, read_manifest, read_mask
+from magicseg.core.seeding import derive_seed, rng
+from magicseg.core.stage import load_vocabulary
+from magicseg.core.vocabulary import Vocabulary
 from magicseg.metrics import ConfusionMatrix
 from magicseg.model import (
     TextEncoder,
@@ -52,11 +55,9 @@ from magicseg.model import (
     save_checkpoint,
     text_encoder_name,
 )
-from magicseg.seeding import derive_seed
-from magicseg.vocabulary import Vocabulary
+from magicseg.model.base import to_tensor
+from magicseg.model.losses import IGNORE, hinge_cos, pixel_loss, text_margin
 
-IGNORE = -100
-"""Ignore value of remapped training targets (torch's cross-entropy default)."""
 CHECKPOINT = "model.pt"
 
 
@@ -134,21 +135,22 @@ def load_pairs(data_dir: str | Path, vocab: Vocabulary) -> PairData:
 
 
 def load_split(
-    data_dir: str | Path, vocab: Vocabulary, val_fraction: float
+    data_dir: str | Path, vocab: Vocabulary, val_fraction: float, seed: int
 ) -> tuple[PairData, PairData]:
     """The filtered pairs of ``data_dir`` as (train, validation), split by :func:`split_ids`;
     everything trains when the split would leave no training sample."""
     data = load_pairs(data_dir, vocab)
-    is_val = split_ids(data.ids, val_fraction)
+    is_val = split_ids(data.ids, val_fraction, seed)
     if is_val.all():
         is_val[:] = False
     return data.subset(np.flatnonzero(~is_val)), data.subset(np.flatnonzero(is_val))
 
 
-def split_ids(ids: Sequence[str], val_fraction: float) -> np.ndarray:
-    """Boolean mask of validation samples: a stable hash of each id (independent of order,
-    seed and the other samples), so a sample stays on its side when the data grows."""
-    bucket = np.array([derive_seed("val", i) % 1_000_000 for i in ids])
+def split_ids(ids: Sequence[str], val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation samples: each id's seed on stream ``train.val_split``
+    (independent of the order and of the other samples), so a sample stays on its side when
+    the data grows."""
+    bucket = np.array([derive_seed(seed, "train.val_split", i) % 1_000_000 for i in ids])
     return bucket < int(round(val_fraction * 1_000_000))
 
 
@@ -178,42 +180,6 @@ def remap_target(mask: torch.Tensor, sampled: Sequence[int], num_classes: int) -
     valid = (mask >= 0) & (mask <= num_classes)
     out[valid] = lut[mask[valid].long()]
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# losses
-# --------------------------------------------------------------------------------------------
-def pixel_loss(logits: torch.Tensor, target: torch.Tensor, bg_weight: float) -> torch.Tensor:
-    """Cross-entropy of Bx(1+K)xHxW logits against BxHxW targets (``IGNORE`` skipped), the
-    background class weighted by ``bg_weight``. Zero when every pixel is ignored."""
-    if not (target != IGNORE).any():
-        return logits.sum() * 0.0
-    weight = torch.ones(logits.shape[1], device=logits.device)
-    weight[0] = bg_weight
-    return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
-
-
-def hinge_cos(g_pos: torch.Tensor, g_neg: torch.Tensor) -> torch.Tensor:
-    """The paper's counterfactual loss: mean over the batch of max(0, cos(g_pos, g_neg)) for
-    BxE embeddings; 0 for orthogonal or opposite pairs, up to 1 for aligned ones."""
-    return F.cosine_similarity(g_pos, g_neg, dim=-1).clamp_min(0).mean()
-
-
-def text_margin(
-    g_pos: torch.Tensor,
-    g_neg: torch.Tensor,
-    text: torch.Tensor,
-    valid: torch.Tensor,
-    margin: float,
-) -> torch.Tensor:
-    """max(0, margin - cos(g_pos, t) + cos(g_neg, t)) averaged over the valid (image, class)
-    pairs. ``g_*``: BxE; ``text``: BxJxE class embeddings; ``valid``: BxJ bool."""
-    gp = F.normalize(g_pos, dim=-1).unsqueeze(1)
-    gn = F.normalize(g_neg, dim=-1).unsqueeze(1)
-    t = F.normalize(text, dim=-1)
-    gap = (gp * t).sum(-1) - (gn * t).sum(-1)
-    loss = (margin - gap).clamp_min(0)
-    return (loss * valid).sum() / valid.sum().clamp_min(1)
 
 
 @dataclass
@@ -273,7 +239,7 @@ def compute_loss(model, batch: Batch, params: TrainParams) -> tuple[torch.Tensor
 # --------------------------------------------------------------------------------------------
 class BatchSampler:
     """Deterministic batches: epoch permutations, random horizontal flips and category sampling
-    all drawn from one generator seeded by ``seed``."""
+    all drawn from one generator, stream ``train.sampler`` of ``seed``."""
 
     def __init__(
         self,
@@ -289,7 +255,7 @@ class BatchSampler:
         self.k = min(params.num_sampled, len(self.trainable))
         self.batch_size = min(params.batch_size, len(data))
         self.num_classes = text_features.shape[0]
-        self.rng = np.random.default_rng([seed, 3])
+        self.rng = rng(seed, "train.sampler")
         self._order = np.empty(0, dtype=np.int64)
 
     def _indices(self) -> np.ndarray:
@@ -321,17 +287,12 @@ class BatchSampler:
             [[c in self.data.class_ids[i] for c in s] for i, s in zip(idx, sampled, strict=True)]
         )
         return Batch(
-            images=_to_float(images),
-            cf_images=_to_float(cfs),
+            images=to_tensor(images),
+            cf_images=to_tensor(cfs),
             features=self.features[sampled_t - 1],
             target=target,
             own=own,
         )
-
-
-def _to_float(images: np.ndarray) -> torch.Tensor:
-    """NxHxWx3 uint8 -> Nx3xHxW float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +371,7 @@ def validate(
     cm = ConfusionMatrix(k + 1, ignore_index=IGNORE)
     feats = text_features.to(device)
     for start in range(0, len(data), batch_size):
-        images = _to_float(data.images[start : start + batch_size]).to(device)
+        images = to_tensor(data.images[start : start + batch_size]).to(device)
         pred = model(images, feats).logits.argmax(1)
         cm.update(pred, data.masks[start : start + batch_size])
     model.train(was_training)
@@ -426,21 +387,9 @@ def _lr_at(step: int, params: TrainParams) -> float:
     return params.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
-    return device
-
-
 def model_config(params: TrainParams) -> dict:
     """The selected model's params block as a plain dict (what the checkpoint stores)."""
-    return params_to_dict(getattr(params, params.model))
+    return params_to_dict(getattr(params, params.architecture))
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +404,7 @@ def train(
     live_dir: str | Path | None = None,
     text_encoder: TextEncoder | None = None,
 ) -> dict:
-    """Train ``params.model`` on the samples of ``filter_dir``; write ``<out_dir>/model.pt``.
+    """Train ``params.architecture`` on the samples of ``filter_dir``; write ``<out_dir>/model.pt``.
 
     ``vocab_dir`` holds the vocabulary manifest (names, held-out flags). ``live_dir``: dvclive
     directory (``train.logger: dvclive``; None logs nothing). ``text_encoder`` overrides the
@@ -467,25 +416,25 @@ def train(
     # 0. The clip model and launches over several processes: the accelerate loop.
     from magicseg.trainer import fit, launched_world_size
 
-    if params.model == "clip" or launched_world_size() > 1:
+    if params.architecture == "clip" or launched_world_size() > 1:
         return fit(filter_dir, vocab_dir, params, seed, out_dir, live_dir, text_encoder)
 
     # 1. Inputs, checked before any work.
     t0 = time.perf_counter()
-    vocab = Vocabulary.from_frame(read_manifest(vocab_dir))
-    device = resolve_device(params.device)
+    vocab = load_vocabulary(vocab_dir)
+    device = resolve_device(params.device, "train.device")
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     cfg = model_config(params)
-    encoder = text_encoder or build_text_encoder(text_encoder_name(params.model, cfg), cfg)
-    train_data, val_data = load_split(filter_dir, vocab, params.val_fraction)
+    encoder = text_encoder or build_text_encoder(text_encoder_name(params.architecture, cfg), cfg)
+    train_data, val_data = load_split(filter_dir, vocab, params.val_fraction, seed)
 
     # 2. Frozen text features of the whole vocabulary, once.
     text_features = encoder.encode(list(vocab.names)).float()
 
     # 3. Model and optimiser, seeded.
-    torch.manual_seed(seed)
-    model = build_model(params.model, cfg, encoder.dim).to(device)
+    torch.manual_seed(derive_seed(seed, "train.init"))
+    model = build_model(params.architecture, cfg, encoder.dim).to(device)
     channels_last = device.type == "cpu"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -497,7 +446,7 @@ def train(
     # 4. The loop.
     window: list[dict[str, float]] = []
     val = {"val_miou": float("nan"), "val_pixel_acc": float("nan")}
-    bar = tqdm(range(params.steps), desc=f"train ({params.model})", unit="step")
+    bar = tqdm(range(params.steps), desc=f"train ({params.architecture})", unit="step")
     for step in bar:
         lr = _lr_at(step, params)
         for group in opt.param_groups:
@@ -542,7 +491,7 @@ def train(
     save_checkpoint(
         Path(out_dir) / CHECKPOINT,
         model,
-        params.model,
+        params.architecture,
         cfg,
         encoder.name,
         list(vocab.names),

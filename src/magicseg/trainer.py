@@ -1,6 +1,6 @@
 """Resumable, multi-process training through ``accelerate`` (DDP), for any registered model.
 
-:func:`magicseg.train.train` hands over to :func:`fit` for ``train.model: clip`` and whenever
+:func:`magicseg.train.train` hands over to :func:`fit` for ``train.architecture: clip`` and whenever
 it runs under a launcher (``WORLD_SIZE`` > 1: ``accelerate launch``, ``torchrun``, SLURM); the
 same code runs as one CPU process. It reuses the loop's pieces (:class:`BatchSampler` with
 category sampling, :func:`compute_loss`, :func:`validate`, loggers, :func:`save_checkpoint`)
@@ -47,12 +47,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from magicseg.config import TrainParams, params_to_dict
-from magicseg.errors import ConfigError, DataError
-from magicseg.io import atomic_path, read_manifest
+from magicseg.core.config import TrainParams, params_to_dict
+from magicseg.core.devices import resolve_device
+from magicseg.core.errors import ConfigError, DataError
+from magicseg.core.io import atomic_path
+from magicseg.core.seeding import derive_seed
+from magicseg.core.stage import load_vocabulary
 from magicseg.model import TextEncoder, build_model, build_text_encoder, save_checkpoint
 from magicseg.model import text_encoder_name as _text_encoder_name
-from magicseg.vocabulary import Vocabulary
 
 STATE = "state.pt"
 PARTS = ("loss", "pixel_loss", "cf_loss")
@@ -71,7 +73,8 @@ def augment(batch, crop: int, gen: torch.Generator, scale: tuple[float, float] =
     0, target ignore), photometric distortion; the same draws for an image and its
     counterfactual. ``batch``: a :class:`magicseg.train.Batch` (Bx3xHxW in [0, 1], BxHxW
     target); returns a new Batch of Bx3xcropxcrop. All draws come from ``gen`` (CPU)."""
-    from magicseg.train import IGNORE, Batch
+    from magicseg.model.losses import IGNORE
+    from magicseg.train import Batch
 
     def u(lo: float, hi: float) -> float:
         return lo + (hi - lo) * float(torch.rand((), generator=gen))
@@ -125,11 +128,11 @@ def _slice(batch, rank: int, world: int):
 # --------------------------------------------------------------------------------------------
 def lr_scale(params: TrainParams) -> float:
     """The multiplier of ``train.lr`` for the trained parts (clip: ``lr_multiplier``)."""
-    return params.clip.lr_multiplier if params.model == "clip" else 1.0
+    return params.clip.lr_multiplier if params.architecture == "clip" else 1.0
 
 
 def warmup_steps(params: TrainParams) -> int:
-    if params.model == "clip":
+    if params.architecture == "clip":
         return min(params.clip.warmup, params.steps - 1)
     return max(1, params.steps // 20)
 
@@ -237,7 +240,7 @@ def fit(
     stop_at: int | None = None,
     history: list[float] | None = None,
 ) -> dict:
-    """Train ``params.model`` like :func:`magicseg.train.train` (same inputs, outputs and
+    """Train ``params.architecture`` like :func:`magicseg.train.train` (same inputs, outputs and
     metrics), on every process of the launch; resumes from ``<out_dir>/state.pt``.
 
     ``checkpoint_every``: steps between resumable states (0: only at the end; the stage uses
@@ -246,7 +249,6 @@ def fit(
     a list that receives every step's global loss (tests).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     from magicseg.train import (
         CHECKPOINT,
@@ -254,14 +256,13 @@ def fit(
         load_split,
         make_logger,
         model_config,
-        resolve_device,
         validate,
     )
 
     # 1. Inputs, checked before any work; the accelerator (process group, device, precision).
     t0 = time.perf_counter()
-    vocab = Vocabulary.from_frame(read_manifest(vocab_dir))
-    device = resolve_device(params.device)
+    vocab = load_vocabulary(vocab_dir)
+    device = resolve_device(params.device, "train.device")
     world = launched_world_size()
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
@@ -271,8 +272,8 @@ def fit(
     )
     device = acc.device
     cfg = model_config(params)
-    encoder = text_encoder or build_text_encoder(_text_encoder_name(params.model, cfg), cfg)
-    train_data, val_data = load_split(filter_dir, vocab, params.val_fraction)
+    encoder = text_encoder or build_text_encoder(_text_encoder_name(params.architecture, cfg), cfg)
+    train_data, val_data = load_split(filter_dir, vocab, params.val_fraction, seed)
     global_batch = min(params.batch_size, len(train_data))  # as the sampler clamps it
     if global_batch % world:
         raise ConfigError(
@@ -283,13 +284,13 @@ def fit(
     text_features = encoder.encode(list(vocab.names)).float()
 
     # 3. Model, optimiser, schedule, sampler, augmenter: seeded, identical on every rank.
-    set_seed(seed)
-    model = build_model(params.model, cfg, encoder.dim)
+    torch.manual_seed(derive_seed(seed, "train.init"))
+    model = build_model(params.architecture, cfg, encoder.dim)
     model.train()
     opt = make_optimizer(model, params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(params.steps, warmup_steps(params)))
     sampler = BatchSampler(train_data, text_features, vocab.trainable, params, seed)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "train.augment"))
     out_dir = Path(out_dir)
     state_path = out_dir / STATE
     run_config = {"train": params_to_dict(params), "seed": seed}
@@ -306,10 +307,12 @@ def fit(
     # 4. The loop.
     val = {"val_miou": float("nan"), "val_pixel_acc": float("nan")}
     end = params.steps if stop_at is None else min(stop_at, params.steps)
-    bar = tqdm(range(start, end), desc=f"train ({params.model})", disable=not acc.is_main_process)
+    bar = tqdm(
+        range(start, end), desc=f"train ({params.architecture})", disable=not acc.is_main_process
+    )
     for step in bar:
         batch = sampler.next()
-        if params.model == "clip":
+        if params.architecture == "clip":
             batch = augment(batch, params.clip.crop, gen)
         batch = _slice(batch, acc.process_index, acc.num_processes).to(device)
         loss, detached = wrapped(batch)
@@ -335,7 +338,7 @@ def fit(
             logs["train/lr"] = sched.get_last_lr()[0]
             if len(val_data) and (done % params.val_every == 0 or last):
                 # clip scores the whole vocabulary at full resolution: small batches
-                vb = 2 if params.model == "clip" else 64
+                vb = 2 if params.architecture == "clip" else 64
                 cm = validate(model, val_data, text_features, device, batch_size=vb)
                 val = {
                     "val_miou": cm.miou(np.flatnonzero(cm.present()[1:]) + 1),
@@ -365,7 +368,7 @@ def fit(
         save_checkpoint(
             out_dir / CHECKPOINT,
             model,
-            params.model,
+            params.architecture,
             cfg,
             encoder.name,
             list(vocab.names),

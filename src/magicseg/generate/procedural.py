@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from magicseg.config import ProceduralGeneratorParams
-from magicseg.errors import DataError
+from magicseg.core.catalogue import BY_NAME, Category
+from magicseg.core.config import ProceduralGeneratorParams
+from magicseg.core.errors import DataError
 from magicseg.generate.base import Pair, PromptRecord
-from magicseg.generate.catalogue import BY_NAME, Category
 from magicseg.prompts.counterfactual import make_counterfactual
 
 # scene style: (colour A, colour B, texture)
@@ -353,7 +353,7 @@ def paint_object(
 # the generator
 # --------------------------------------------------------------------------------------------
 class ProceduralGenerator:
-    """Draws catalogue classes (see :mod:`magicseg.generate.catalogue`) into prompt-driven scenes.
+    """Draws catalogue classes (see :mod:`magicseg.core.catalogue`) into prompt-driven scenes.
 
     ``generate`` returns, per record, the positive and counterfactual images (HWC uint8) and the
     exact class-index mask (HW int64, vocabulary indices).

@@ -15,11 +15,12 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from magicseg import distributed, io
+from magicseg import distributed
 from magicseg.batching import batched_with_oom_retry
-from magicseg.config import LabelParams
-from magicseg.errors import BackendError, DataError
-from magicseg.io import (
+from magicseg.core import io
+from magicseg.core.config import LabelParams
+from magicseg.core.errors import BackendError, DataError
+from magicseg.core.io import (
     MANIFEST,
     ignore_index,
     mask_dtype,
@@ -30,8 +31,8 @@ from magicseg.io import (
     write_manifest,
     write_mask,
 )
+from magicseg.core.registry import Registry
 from magicseg.label.base import Labeler, LabelInput, LabelResult
-from magicseg.registry import Registry
 from magicseg.samplecache import (
     DISK_FULL,
     SampleCache,

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from magicseg.config import DifferenceLabelerParams
-from magicseg.generate.catalogue import paints_of
+from magicseg.core.catalogue import paints_of
+from magicseg.core.config import DifferenceLabelerParams
 from magicseg.label.base import LabelInput, LabelResult
 
 
@@ -178,7 +178,7 @@ class OracleLabeler:
         out = []
         for item in batch:
             if item.oracle_mask is None:
-                from magicseg.errors import DataError
+                from magicseg.core.errors import DataError
 
                 raise DataError(
                     f"sample {item.id} has no oracle mask: label.backend 'oracle' needs the "

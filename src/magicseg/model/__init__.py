@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from magicseg.errors import BackendError, DataError
-from magicseg.io import atomic_path
+from magicseg.core.errors import BackendError, DataError
+from magicseg.core.io import atomic_path
+from magicseg.core.registry import Registry
 from magicseg.model.base import Segmenter, SegmenterOutput, TextEncoder
-from magicseg.registry import Registry
 
 MODELS: Registry[Any] = Registry("model")
 TEXT_ENCODERS: Registry[TextEncoder] = Registry("text encoder")
@@ -26,7 +26,7 @@ CHECKPOINT_FORMAT = 1
 
 @MODELS.register("offline")
 def _offline(config: dict, text_dim: int):
-    from magicseg.config import OfflineModelParams
+    from magicseg.core.config import OfflineModelParams
     from magicseg.model.offline import OfflineSegmenter
 
     cfg = OfflineModelParams.model_validate(config)
@@ -35,12 +35,12 @@ def _offline(config: dict, text_dim: int):
 
 @MODELS.register("clip")
 def _clip(config: dict, text_dim: int):
-    from magicseg.config import ClipModelParams
+    from magicseg.core.config import ClipModelParams
     from magicseg.model.clip import ClipSegmenter
 
     cfg = ClipModelParams.model_validate(config)
     return ClipSegmenter(
-        cfg.model,
+        cfg.checkpoint,
         cfg.vpt_tokens,
         cfg.decoder_layers,
         cfg.decoder_heads,
@@ -48,16 +48,22 @@ def _clip(config: dict, text_dim: int):
         text_dim,
         cfg.focal_weight,
         cfg.dice_weight,
+        decoder=cfg.decoder,
+        vpt_style=cfg.vpt_style,
+        image_norm=cfg.image_norm,
+        crop=cfg.crop,
+        deep_supervision=cfg.deep_supervision,
+        loss_stride=cfg.loss_stride,
     )
 
 
 @TEXT_ENCODERS.register("clip")
 def _clip_text(config: dict | None = None) -> TextEncoder:
-    from magicseg.config import ClipModelParams
+    from magicseg.core.config import ClipModelParams
     from magicseg.model.clip import TEMPLATES, ClipTextEncoder
 
     cfg = ClipModelParams.model_validate(config or {})
-    return ClipTextEncoder(cfg.model, TEMPLATES[cfg.templates])
+    return ClipTextEncoder(cfg.checkpoint, TEMPLATES[cfg.templates])
 
 
 @TEXT_ENCODERS.register("minilm")

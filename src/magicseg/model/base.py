@@ -12,7 +12,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
+
+
+def to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """HWC uint8 RGB arrays (same size) or a BxHxWx3 uint8 array -> Bx3xHxW float in [0, 1],
+    the image format every :class:`Segmenter` takes."""
+    arr = np.stack(list(images)) if not isinstance(images, np.ndarray) else images
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected BxHxWx3 uint8 images, got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
 
 
 @dataclass

@@ -1,14 +1,18 @@
 """The paper's segmenter: a frozen CLIP ViT with deep visual prompts and a class-query decoder
-(config: :class:`magicseg.config.ClipModelParams`, ``train.model: clip``).
+(config: :class:`magicseg.core.config.ClipModelParams`, ``train.architecture: clip``). Two decoders, chosen
+by ``train.clip.decoder``: ``query`` (below) and ``atm``, the published ZegCLIP ATM decoder
+(:mod:`magicseg.model.atm`), both behind the same :class:`ClipSegmenter`.
 
 Shapes (``P`` = prompt tokens, ``N = h*w`` patches, ``C`` = vision width, ``D`` = decoder_dim,
 ``T`` = text dim = the CLIP joint dim, ``K`` = classes scored):
 
     images Bx3xHxW in [0, 1] -> CLIP normalisation -> patch embeddings + (interpolated) positions
       -> pre-LN -> for each of the L frozen layers: [CLS, prompts_l (P learnable), patches]
-         (deep VPT: layer l's prompt outputs are dropped and replaced by prompts_{l+1})
+         (deep VPT: layer l's prompt outputs are dropped and replaced by prompts_{l+1};
+         ``vpt_style: zegclip`` adds the published extras, see :class:`PromptedViT`)
       -> CLS (post-LN + visual projection): BxT global embedding, the CLIP image embedding
       -> patches (post-LN) -> Linear C->D: BxNxD pixel features
+         (atm: visual projection + L2 norm instead, D = T)
     class features BxKxT (the frozen CLIP text encoder) -> Linear T->D queries, a learnable
       background query first: Bx(1+K)xD
     decoder (``decoder_layers`` x pre-LN transformer decoder layer, ``decoder_heads`` heads):
@@ -16,11 +20,14 @@ Shapes (``P`` = prompt tokens, ``N = h*w`` patches, ``C`` = vision width, ``D`` 
       mask logits = <MLP(LN(q)), pixel> / sqrt(D): Bx(1+K)xhxw (deep supervision)
     logits (last layer) bilinearly upsampled to HxW; channel 0 = background.
 
-Loss (:meth:`ClipSegmenter.compute_loss`, called by the training loop): on every decoder layer,
-``focal_weight`` x sigmoid focal + ``dice_weight`` x dice over the (1+K) one-hot channels at
-stride 4, ignore pixels skipped; plus ``train.cf_weight`` x the counterfactual loss, the
-counterfactual passed through the same ViT in the same batch (see :func:`clip_loss`).
-Only the prompt tokens of the vision tower train; the rest of CLIP is frozen.
+Loss (:meth:`ClipSegmenter.compute_loss`, called by the training loop): on every decoder layer
+(``deep_supervision``; else the last), ``focal_weight`` x sigmoid focal + ``dice_weight`` x dice
+over the (1+K) one-hot channels at 1/``loss_stride`` (atm: the published SegLossPlus over the K
+class masks, :func:`magicseg.model.atm.seg_loss_plus`), ignore pixels skipped; plus
+``train.cf_weight`` x the counterfactual loss, the counterfactual passed through the same ViT in
+the same batch (see :func:`clip_loss`). Only the prompt tokens of the vision tower (and, with
+``vpt_style: zegclip``, their projection and the final LayerNorm) train; the rest of CLIP is
+frozen.
 """
 
 from __future__ import annotations
@@ -33,13 +40,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magicseg.errors import BackendError, ConfigError
+from magicseg.core.errors import BackendError, ConfigError
 from magicseg.model.base import SegmenterOutput
+from magicseg.model.losses import hinge_cos, text_margin
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""``image_norm: imagenet``: the published mmseg ``img_norm_cfg`` (123.675/255, ... ), which
+the published code applies to CLIP in place of CLIP's own statistics."""
 LOSS_STRIDE = 4
-"""The segmentation loss is computed at 1/4 of the input resolution (memory with K = 100)."""
+"""Default ``train.clip.loss_stride``: the segmentation loss at 1/4 of the input resolution
+(memory with K = 100)."""
+VPT_DROPOUT = 0.1
+"""Dropout on the projected prompts of ``vpt_style: zegclip`` (the published backbone's)."""
 
 ZEGCLIP_TEMPLATES = (
     "a photo of a {}.",
@@ -59,6 +74,19 @@ ZEGCLIP_TEMPLATES = (
     "This is one {} in the scene.",
 )
 TEMPLATES = {"zegclip15": ZEGCLIP_TEMPLATES, "single": ("a photo of a {}.",)}
+
+
+CHECKPOINT_KEY = "train.clip.checkpoint"
+"""The params key named in the errors of a CLIP source that cannot be loaded."""
+
+
+def check_source(source: str) -> str:
+    """:func:`magicseg.hub.check_model_source` for a CLIP/SigLIP ``source`` before anything is
+    loaded: a one-line BackendError naming ``train.clip.checkpoint`` when the directory is
+    missing, the id is not cached offline or the hub does not answer."""
+    from magicseg.hub import check_model_source
+
+    return check_model_source(source, CHECKPOINT_KEY)
 
 
 def _load(cls, source: str, key: str, **kwargs):
@@ -81,15 +109,16 @@ def load_vision_tower(source: str) -> tuple[nn.Module, nn.Module | None]:
     from transformers import AutoConfig, AutoModel, CLIPVisionModelWithProjection
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = _load(AutoConfig, source, "train.clip.model")
+    check_source(source)
+    cfg = _load(AutoConfig, source, "train.clip.checkpoint")
     if cfg.model_type in ("clip", "clip_vision_model"):
         kw = {}
         if cfg.model_type == "clip":  # the joint dim lives on the outer config
             kw["config"] = cfg.vision_config
             kw["config"].projection_dim = cfg.projection_dim
-        model = _load(CLIPVisionModelWithProjection, source, "train.clip.model", **kw)
+        model = _load(CLIPVisionModelWithProjection, source, "train.clip.checkpoint", **kw)
         return model.vision_model, model.visual_projection
-    model = _load(AutoModel, source, "train.clip.model")
+    model = _load(AutoModel, source, "train.clip.checkpoint")
     vision = getattr(model, "vision_model", model)
     return vision, getattr(model, "visual_projection", None)
 
@@ -101,9 +130,37 @@ class PromptedViT(nn.Module):
     (BxT global embedding, BxCxhxw patch features of the last layer). The global embedding is
     the post-LN CLS token through the visual projection (CLIP); for towers without a CLS token
     (SigLIP) the tower's attention-pooling head on the post-LN patch tokens (else their mean).
+
+    Every layer gets its own ``vpt_tokens`` prompts, inserted after the CLS token (layer 0:
+    after the pre-LN; later layers: replacing the previous layer's prompt outputs), as in the
+    published backbone (``total_d_layer: 11``: the input prompts + 11 deep sets for 12 layers).
+    ``style: zegclip`` reproduces the rest of the published ``VPTCLIPVisionTransformer``:
+
+    - every layer's prompts pass through one shared trainable Linear (Kaiming-normal weight,
+      fan-out) and dropout 0.1 before insertion;
+    - a trainable LayerNorm (eps 1e-6) on all tokens of the last layer, before the post-LN;
+    - positions: the pretrained grid bilinearly resized to ``resolution / patch`` (the
+      published ``input_resolution``, here ``train.clip.crop``), then to the image's grid
+      (HF: bicubic, directly);
+    - the CLS token's input is class embedding + position 0 + class embedding (the published
+      code adds the class embedding twice; kept as written).
+
+    ``image_norm``: ``model`` normalises the [0, 1] input with the tower's own statistics,
+    ``imagenet`` with ImageNet's (the published ``img_norm_cfg``).
+
+    The published ``drop_path_rate: 0.1`` is not reproduced: its blocks build DropPath modules
+    that their forward never calls (upstream ZegCLIP ``models/backbone/utils.py``), so the
+    published backbone has no stochastic depth either.
     """
 
-    def __init__(self, source: str, vpt_tokens: int) -> None:
+    def __init__(
+        self,
+        source: str,
+        vpt_tokens: int,
+        style: str = "plain",
+        resolution: int | None = None,
+        image_norm: str = "model",
+    ) -> None:
         super().__init__()
         vision, projection = load_vision_tower(source)
         self.vision = vision
@@ -125,8 +182,27 @@ class PromptedViT(nn.Module):
         mean, std = CLIP_MEAN, CLIP_STD
         if not self.has_cls:  # SigLIP normalises to [-1, 1]
             mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        if image_norm == "imagenet":
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        elif image_norm != "model":
+            raise ConfigError(
+                f"train.clip.image_norm: unknown {image_norm!r} (allowed: model, imagenet)"
+            )
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.style = style
+        if style == "zegclip":
+            if not self.has_cls:
+                raise ConfigError(
+                    "train.clip.vpt_style: zegclip needs a CLIP vision tower (with a CLS token)"
+                )
+            self.resolution = int(resolution or vision.config.image_size)
+            self.prompt_proj = nn.Linear(self.width, self.width)
+            nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
+            self.prompt_dropout = nn.Dropout(VPT_DROPOUT)
+            self.prompt_norm = nn.LayerNorm(self.width, eps=1e-6)
+        elif style != "plain":
+            raise ConfigError(f"train.clip.vpt_style: unknown {style!r} (allowed: plain, zegclip)")
 
     def train(self, mode: bool = True) -> PromptedViT:
         super().train(mode)
@@ -139,7 +215,10 @@ class PromptedViT(nn.Module):
             raise ConfigError(f"clip: image {h}x{w} is not a multiple of the patch {self.patch}")
         x = (images - self.mean) / self.std
         # 1. Embeddings with position embeddings interpolated to this size.
-        x = self.vision.embeddings(x, interpolate_pos_encoding=True)
+        if self.style == "zegclip":
+            x = self._zegclip_embeddings(x)
+        else:
+            x = self.vision.embeddings(x, interpolate_pos_encoding=True)
         pre = getattr(self.vision, "pre_layrnorm", None)
         if pre is not None:
             x = pre(x)
@@ -147,13 +226,15 @@ class PromptedViT(nn.Module):
         p = self.vpt_tokens
         # 2. Frozen layers, fresh prompts at each (deep VPT).
         for i, layer in enumerate(self.vision.encoder.layers):
-            prompts = self.prompts[i].to(x.dtype).unsqueeze(0).expand(b, -1, -1)
+            prompts = self._prompts(i, x.dtype).unsqueeze(0).expand(b, -1, -1)
             if i == 0:
                 x = torch.cat([x[:, :lead], prompts, x[:, lead:]], dim=1)
             else:
                 x = torch.cat([x[:, :lead], prompts, x[:, lead + p :]], dim=1)
             out = layer(x, None)
             x = out[0] if isinstance(out, tuple) else out
+        if self.style == "zegclip":
+            x = self.prompt_norm(x)
         # 3. Global embedding and patch features.
         post = getattr(self.vision, "post_layernorm", None) or nn.Identity()
         patches = post(x[:, lead + p :])
@@ -168,9 +249,42 @@ class PromptedViT(nn.Module):
         grid = patches.transpose(1, 2).reshape(b, self.width, h // self.patch, w // self.patch)
         return glob, grid
 
+    def _prompts(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """Layer ``i``'s PxC prompt tokens (zegclip: projected, dropout)."""
+        prompts = self.prompts[i]
+        if self.style == "zegclip":
+            prompts = self.prompt_dropout(self.prompt_proj(prompts))
+        return prompts.to(dtype)
+
+    def _zegclip_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised Bx3xHxW -> Bx(1+N)xC token embeddings as the published backbone makes
+        them (see the class docstring): bilinear positions, the class embedding twice."""
+        emb = self.vision.embeddings
+        patches = emb.patch_embedding(x.to(emb.patch_embedding.weight.dtype))  # BxCxhxw
+        b, c, gh, gw = patches.shape
+        pos = emb.position_embedding.weight  # (1 + g*g)xC
+        g = math.isqrt(pos.shape[0] - 1)
+        s = self.resolution // self.patch
+        spatial = pos[1:].reshape(1, g, g, c).permute(0, 3, 1, 2)
+        for size in ((s, s), (gh, gw)):  # at load, then in the forward (published)
+            if tuple(spatial.shape[-2:]) != size:
+                spatial = F.interpolate(spatial, size=size, mode="bilinear", align_corners=False)
+        tokens = patches.flatten(2).transpose(1, 2) + spatial.flatten(2).transpose(1, 2)
+        cls = emb.class_embedding + pos[0] + emb.class_embedding
+        return torch.cat([cls.to(tokens.dtype).view(1, 1, c).expand(b, 1, c), tokens], dim=1)
+
 
 class ClipSegmenter(nn.Module):
-    """Prompted frozen CLIP ViT + class-query transformer decoder (see the module docstring)."""
+    """Prompted frozen CLIP ViT + a class-query decoder (see the module docstring).
+
+    ``decoder``: ``query`` (this project's) or ``atm`` (the published ZegCLIP decoder,
+    :class:`magicseg.model.atm.ATMDecoder`; ``decoder_dim`` must equal ``text_dim`` and the
+    vision tower's joint dim). Both return :class:`SegmenterOutput` logits Bx(1+K)xHxW with
+    channel 0 = background. For ``atm`` the class channels are the sigmoid mask logits and the
+    background channel is the constant 0, the sigmoid's decision boundary: the argmax picks the
+    best class where its mask fires (p > 0.5) and background where none does; the argmax over
+    the class channels alone is the published prediction.
+    """
 
     def __init__(
         self,
@@ -182,18 +296,47 @@ class ClipSegmenter(nn.Module):
         text_dim: int,
         focal_weight: float = 100.0,
         dice_weight: float = 1.0,
+        decoder: str = "query",
+        vpt_style: str = "plain",
+        image_norm: str = "model",
+        crop: int | None = None,
+        deep_supervision: bool = True,
+        loss_stride: int = LOSS_STRIDE,
     ) -> None:
         super().__init__()
+        # 1. Checks that need no weights.
         if decoder_dim % decoder_heads:
             raise ConfigError(
                 f"train.clip.decoder_dim: {decoder_dim} is not divisible by "
                 f"decoder_heads {decoder_heads}"
             )
+        if decoder not in ("query", "atm"):
+            raise ConfigError(f"train.clip.decoder: unknown {decoder!r} (allowed: query, atm)")
+        if decoder == "atm" and decoder_dim != text_dim:
+            raise ConfigError(
+                f"train.clip.decoder_dim: the atm decoder works in CLIP's joint space "
+                f"(use_proj=False): set it to the text dim {text_dim} (got {decoder_dim})"
+            )
         self.text_dim = text_dim
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
-        self.encoder = PromptedViT(source, vpt_tokens)
+        self.decoder = decoder
+        self.deep_supervision = deep_supervision
+        self.loss_stride = loss_stride
+        # 2. The prompted vision tower.
+        self.encoder = PromptedViT(source, vpt_tokens, vpt_style, crop, image_norm)
         d = decoder_dim
+        # 3. The decoder.
+        if decoder == "atm":
+            from magicseg.model.atm import ATMDecoder
+
+            if self.encoder.out_dim != text_dim:
+                raise ConfigError(
+                    f"train.clip.decoder: atm scores CLIP's image embeddings against the text: "
+                    f"the vision tower gives {self.encoder.out_dim}-d, the text {text_dim}-d"
+                )
+            self.atm = ATMDecoder(d, decoder_heads, decoder_layers)
+            return
         self.pixel_proj = nn.Sequential(nn.Linear(self.encoder.width, d), nn.LayerNorm(d))
         self.text_proj = nn.Linear(text_dim, d)
         self.background = nn.Parameter(torch.randn(d) * 0.02)
@@ -222,22 +365,43 @@ class ClipSegmenter(nn.Module):
             images = F.pad(images, (0, pw, 0, ph), mode="replicate")
         return images, h, w
 
+    def pixel_features(self, grid: torch.Tensor) -> torch.Tensor:
+        """BxCxhxw patch features -> BxNxD decoder memory (query: Linear + LN; atm: CLIP's
+        visual projection, L2-normalised)."""
+        tokens = grid.flatten(2).transpose(1, 2)
+        if self.decoder == "atm":
+            proj = self.encoder.projection
+            return F.normalize(proj(tokens) if proj is not None else tokens, dim=-1)
+        return self.pixel_proj(tokens)
+
     def decode(
-        self, grid: torch.Tensor, class_features: torch.Tensor
+        self,
+        grid: torch.Tensor,
+        class_features: torch.Tensor,
+        glob: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """BxCxhxw patch features, BxKxT class features -> (per-layer Bx(1+K)xhxw logits,
-        BxD mean pixel feature, BxKxT L2-normalised class features)."""
+        """BxCxhxw patch features, BxKxT class features (and BxT global embeddings, which the
+        atm decoder needs) -> (per-layer Bx(1+K)xhxw logits, BxD mean pixel feature, BxKxT
+        L2-normalised class features)."""
         b, _, gh, gw = grid.shape
-        pixels = self.pixel_proj(grid.flatten(2).transpose(1, 2))  # BxNxD
+        pixels = self.pixel_features(grid)  # BxNxD
         d = pixels.shape[-1]
-        q = self.text_proj(class_features.to(pixels.dtype))
-        q = torch.cat([self.background.to(q.dtype).view(1, 1, d).expand(b, 1, d), q], dim=1)
-        logits = []
-        for layer in self.layers:
-            q = layer(q, pixels)
-            m = self.mask_embed(self.mask_norm(q))
-            logit = torch.einsum("bkd,bnd->bkn", m, pixels) / math.sqrt(d)
-            logits.append(logit.reshape(b, -1, gh, gw))
+        if self.decoder == "atm":
+            if glob is None:
+                raise ValueError("the atm decoder needs the global (CLS) embeddings")
+            text = F.normalize(class_features.to(pixels.dtype), dim=-1)
+            masks = self.atm(pixels, F.normalize(glob, dim=-1), text, (gh, gw))
+            background = masks[-1].new_zeros(b, 1, gh, gw)
+            logits = [torch.cat([background, m], dim=1) for m in masks]
+        else:
+            q = self.text_proj(class_features.to(pixels.dtype))
+            q = torch.cat([self.background.to(q.dtype).view(1, 1, d).expand(b, 1, d), q], dim=1)
+            logits = []
+            for layer in self.layers:
+                q = layer(q, pixels)
+                m = self.mask_embed(self.mask_norm(q))
+                logit = torch.einsum("bkd,bnd->bkn", m, pixels) / math.sqrt(d)
+                logits.append(logit.reshape(b, -1, gh, gw))
         return logits, pixels.mean(1), F.normalize(class_features.float(), dim=-1)
 
     def forward(self, images: torch.Tensor, class_features: torch.Tensor) -> SegmenterOutput:
@@ -249,13 +413,42 @@ class ClipSegmenter(nn.Module):
         if class_features.dim() == 2:
             class_features = class_features.unsqueeze(0).expand(b, -1, -1)
         glob, grid = self.encoder(padded)
-        aux, pixel_mean, classes = self.decode(grid, class_features)
+        aux, pixel_mean, classes = self.decode(grid, class_features, glob)
         logits = F.interpolate(
             aux[-1].float(), size=padded.shape[-2:], mode="bilinear", align_corners=False
         )[..., :h, :w]
         out = SegmenterOutput(logits, glob.float(), pixel_mean.float(), classes)
         out.aux_logits = aux  # type: ignore[attr-defined]
         return out
+
+    def mask_loss(
+        self,
+        aux: Sequence[torch.Tensor],
+        target: torch.Tensor,
+        normaliser: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The mask loss of per-layer Bx(1+K)xhxw logits against a BxHxW target (sampled index
+        space): summed over the layers (``deep_supervision``) or on the last one. query:
+        :func:`focal_dice_loss`; atm: :func:`magicseg.model.atm.seg_loss_plus` on the K class
+        channels, its number of masks counted in ``normaliser`` (a BxHxW target) when given."""
+        layers = aux if self.deep_supervision else aux[-1:]
+        s = self.loss_stride
+        if self.decoder == "query":
+            return sum(
+                focal_dice_loss(a, target, self.focal_weight, self.dice_weight, s) for a in layers
+            )
+        from magicseg.model.atm import average_over_processes, mask_count, seg_loss_plus
+
+        k = aux[-1].shape[1] - 1
+        num = None
+        if normaliser is not None:
+            size = (max(1, normaliser.shape[-2] // s), max(1, normaliser.shape[-1] // s))
+            ref = F.interpolate(normaliser[:, None].float(), size=size, mode="nearest")[:, 0]
+            num = average_over_processes(mask_count(ref.long(), k))
+        return sum(
+            seg_loss_plus(a[:, 1:], target, self.focal_weight, self.dice_weight, s, num)
+            for a in layers
+        )
 
     def compute_loss(self, batch, params) -> tuple[torch.Tensor, dict[str, float]]:
         return clip_loss(self, batch, params)
@@ -276,20 +469,21 @@ def focal_dice_loss(
     target: torch.Tensor,
     focal_weight: float,
     dice_weight: float,
+    stride: int = LOSS_STRIDE,
     gamma: float = 2.0,
     alpha: float = 0.25,
 ) -> torch.Tensor:
     """``focal_weight`` x sigmoid focal + ``dice_weight`` x dice of Bx(1+K)xhxw logits against
     a BxHxW target in the sampled index space (``IGNORE`` skipped).
 
-    The target is nearest-downsampled to 1/``LOSS_STRIDE`` and the logits bilinearly resized to
+    The target is nearest-downsampled to 1/``stride`` and the logits bilinearly resized to
     it. Both terms are per-image means (focal: summed over valid pixels and channels, divided
     by pixels x channels; dice: mean over channels), then a mean over images, so the loss of a
     batch is the mean of its halves' losses (what DDP's gradient averaging needs).
     """
     c = logits.shape[1]
     h, w = target.shape[-2:]
-    size = (max(1, h // LOSS_STRIDE), max(1, w // LOSS_STRIDE))
+    size = (max(1, h // stride), max(1, w // stride))
     tgt = F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].long()
     x = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
     onehot, valid = _one_hot(tgt, c)
@@ -307,11 +501,6 @@ def focal_dice_loss(
     return (focal_weight * focal + dice_weight * dice.mean(1)).mean()
 
 
-def _deep_loss(aux: Sequence[torch.Tensor], target: torch.Tensor, model) -> torch.Tensor:
-    """Sum of :func:`focal_dice_loss` over every decoder layer (deep supervision)."""
-    return sum(focal_dice_loss(a, target, model.focal_weight, model.dice_weight) for a in aux)
-
-
 def clip_loss(model: ClipSegmenter, batch, params) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss of a :class:`magicseg.train.Batch` for the clip model.
 
@@ -322,12 +511,10 @@ def clip_loss(model: ClipSegmenter, batch, params) -> tuple[torch.Tensor, dict[s
       embeddings; only the prompt tokens carry its gradient, not the decoder;
     - ``hinge_pixels``: the same on the mean projected patch features;
     - ``cf_background``: the counterfactual decoded against the positive's classes with an
-      all-background target;
+      all-background target (atm: normalised by the positive's number of masks);
     - ``text_margin``: max(0, m - cos(CLS_pos, t) + cos(CLS_cf, t)), t = own class text
       embeddings (CLIP's joint space: needs the CLIP text encoder).
     """
-    from magicseg.train import hinge_cos, text_margin
-
     use_cf = params.cf_weight > 0
     kind = params.cf_loss
     b = batch.images.shape[0]
@@ -337,18 +524,19 @@ def clip_loss(model: ClipSegmenter, batch, params) -> tuple[torch.Tensor, dict[s
     cf_loss = batch.images.new_zeros(())
     if use_cf and kind == "cf_background":
         feats = torch.cat([batch.features, batch.features])
-        aux, _, _ = model.decode(grid, feats)
-        pix = _deep_loss([a[:b] for a in aux], batch.target, model)
-        cf_loss = _deep_loss([a[b:] for a in aux], torch.zeros_like(batch.target), model)
+        aux, _, _ = model.decode(grid, feats, glob)
+        pix = model.mask_loss([a[:b] for a in aux], batch.target)
+        empty = torch.zeros_like(batch.target)
+        cf_loss = model.mask_loss([a[b:] for a in aux], empty, normaliser=batch.target)
     else:
-        aux, pixel_mean, classes = model.decode(grid[:b], batch.features)
-        pix = _deep_loss(aux, batch.target, model)
+        aux, pixel_mean, classes = model.decode(grid[:b], batch.features, glob[:b])
+        pix = model.mask_loss(aux, batch.target)
         if use_cf:
             glob = glob.float()
             if kind == "hinge_head":
                 cf_loss = hinge_cos(glob[:b], glob[b:])
             elif kind == "hinge_pixels":
-                g_cf = model.pixel_proj(grid[b:].flatten(2).transpose(1, 2)).mean(1)
+                g_cf = model.pixel_features(grid[b:]).mean(1)
                 cf_loss = hinge_cos(pixel_mean.float(), g_cf.float())
             elif kind == "text_margin":
                 if glob.shape[-1] != classes.shape[-1]:
@@ -376,18 +564,19 @@ class ClipTextEncoder:
     ) -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection
 
-        cfg = _load(AutoConfig, source, "train.clip.model")
+        check_source(source)
+        cfg = _load(AutoConfig, source, "train.clip.checkpoint")
         self.name = "clip"
         self.is_clip = cfg.model_type == "clip"
-        self.tokenizer = _load(AutoTokenizer, source, "train.clip.model")
+        self.tokenizer = _load(AutoTokenizer, source, "train.clip.checkpoint")
         if self.is_clip:
             text_cfg = cfg.text_config
             text_cfg.projection_dim = cfg.projection_dim  # the joint dim lives on the outer one
             self.model = _load(
-                CLIPTextModelWithProjection, source, "train.clip.model", config=text_cfg
+                CLIPTextModelWithProjection, source, "train.clip.checkpoint", config=text_cfg
             )
         else:
-            self.model = _load(AutoModel, source, "train.clip.model")
+            self.model = _load(AutoModel, source, "train.clip.checkpoint")
         self.model.eval().requires_grad_(False)
         self.templates = tuple(templates)
         self.batch_size = batch_size

@@ -1,5 +1,5 @@
 """The offline segmenter: a small U-Net image encoder trained from scratch, scored against frozen
-text features projected by an MLP (config: :class:`magicseg.config.OfflineModelParams`).
+text features projected by an MLP (config: :class:`magicseg.core.config.OfflineModelParams`).
 
 Shapes (``w`` = width, ``d`` = depth, ``E`` = embed_dim, ``T`` = text_dim):
 

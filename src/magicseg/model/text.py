@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from magicseg.errors import BackendError
+from magicseg.core.errors import BackendError
 
 
 def minilm_path() -> str:

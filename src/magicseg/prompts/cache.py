@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from magicseg.io import atomic_path
+from magicseg.core.io import atomic_path
 
 DEFAULT_CACHE_DIR = Path(".cache/magicseg/prompts")
 

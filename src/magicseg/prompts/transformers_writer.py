@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from magicseg.config import TransformersWriterParams
-from magicseg.errors import BackendError
+from magicseg.core.config import TransformersWriterParams
+from magicseg.core.errors import BackendError
 from magicseg.prompts.base import PromptRequest
 from magicseg.prompts.cache import DEFAULT_CACHE_DIR, ResponseCache, cache_key
 from magicseg.prompts.parsing import parse_descriptions, request_messages
@@ -26,7 +26,7 @@ class TransformersWriter:
     """``write(requests)`` -> one list of at most ``request.n`` descriptions per request.
 
     ``model``/``tokenizer`` may be passed already built (tests); otherwise both load with
-    ``from_pretrained(params.model)`` on first use.
+    ``from_pretrained(params.checkpoint)`` on first use.
     """
 
     name = "transformers"
@@ -85,7 +85,7 @@ class TransformersWriter:
         p = self.params
         return cache_key(
             writer=self.name,
-            model=p.model,
+            model=p.checkpoint,
             messages=messages,
             seed=seed,
             temperature=p.temperature,
@@ -98,37 +98,32 @@ class TransformersWriter:
     # model
     # ---------------------------------------------------------------------------------------
     def _load(self) -> None:
-        """Load tokenizer and model once (BackendError naming the model when that fails)."""
-        import torch
-
+        """Load tokenizer and model once (BackendError naming the checkpoint when that fails)."""
         p = self.params
         if self.tokenizer is None or self.model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            from magicseg.core.devices import resolve_device, resolve_dtype
             from magicseg.hub import check_model_source
 
-            check_model_source(p.model, "prompts.transformers.model")
+            check_model_source(p.checkpoint, "prompts.transformers.checkpoint")
+            device = resolve_device(p.device, "prompts.transformers.device")
+            dtype = resolve_dtype(p.dtype, device, "prompts.transformers.dtype")
             try:
-                self.tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(p.model)
+                self.tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(p.checkpoint)
                 if self.model is None:
-                    device = p.device
-                    if device == "auto":
-                        device = "cuda" if torch.cuda.is_available() else "cpu"
-                    dtype = p.dtype
-                    if dtype == "auto":
-                        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-                    self.model = AutoModelForCausalLM.from_pretrained(
-                        p.model, dtype=getattr(torch, dtype)
-                    ).to(device)
+                    self.model = AutoModelForCausalLM.from_pretrained(p.checkpoint, dtype=dtype).to(
+                        device
+                    )
             except (OSError, ValueError) as err:
                 raise BackendError(
-                    f"prompts.transformers: cannot load model {p.model!r} "
+                    f"prompts.transformers.checkpoint: cannot load {p.checkpoint!r} "
                     f"({str(err).splitlines()[0]})"
                 ) from None
         self.model.eval()
         if not getattr(self.tokenizer, "chat_template", None):
             raise BackendError(
-                f"prompts.transformers: tokenizer of {p.model!r} has no chat template "
+                f"prompts.transformers.checkpoint: tokenizer of {p.checkpoint!r} has no chat template "
                 "(use an instruction-tuned model)"
             )
 
@@ -193,7 +188,7 @@ class SeededGumbelSampler:
 
         self.temperature = temperature
         self.top_p = top_p
-        self.generators = [torch.Generator().manual_seed(int(s) % 2**63) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch

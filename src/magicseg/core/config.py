@@ -1,0 +1,552 @@
+"""Typed, validated parameters: one frozen class per ``params.yaml`` section.
+
+``load_params(path)`` reads the whole file and validates every section before any stage does
+work, so a typo in ``train`` fails the ``vocabulary`` stage too, in one line that names the key:
+
+    params.yaml: train.num_sampled: must be >= 1 (got 0)
+
+Backend-specific settings live in a nested block named after the backend (``generate.diffusers``,
+``label.grounded_sam``, ...); only the block of the selected backend is used.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from magicseg.core.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every params class: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, protected_namespaces=(), use_attribute_docstrings=True
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# vocabulary
+# --------------------------------------------------------------------------------------------
+class VocabularyParams(Section):
+    source: Literal["procedural", "lvis", "coco", "voc", "context", "file"] = "procedural"
+    """Built-in vocabulary or `file`."""
+    file: str | None = None
+    """A text file with one class name per line (``source: file``)."""
+    holdout_combination: int = Field(16, ge=0)
+    """Classes held out of training (never prompted) whose words are all seen in other training
+    classes ("teal heart" with teal and heart seen apart): open-vocabulary transfer to new
+    combinations. Chosen by the global seed; ``evaluate`` reports them apart."""
+    holdout_novel_words: int = Field(2, ge=0)
+    """Words held out of training with every class that contains them ("bowtie": every bowtie):
+    open-vocabulary transfer to an unseen word. Chosen by the global seed; ``evaluate`` reports
+    these classes apart."""
+    limit: int | None = Field(None, ge=1)
+    """Keep only the first ``limit`` classes (quick experiments on big vocabularies)."""
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> VocabularyParams:
+        if self.source == "file" and not self.file:
+            raise ValueError("file: required when source is 'file'")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# prompts
+# --------------------------------------------------------------------------------------------
+class OpenAIWriterParams(Section):
+    llm: str = "gpt-4o-mini"
+    """Model name on the server (``model`` of the chat-completions request)."""
+    base_url: str | None = None
+    """OpenAI-compatible server (vLLM, Ollama, llama.cpp); null = api.openai.com."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable that holds the API key (never put the key itself here)."""
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(2048, ge=16)
+    concurrency: int = Field(4, ge=1, le=256)
+    """Requests in flight at once."""
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    llm_counterfactual: bool = False
+    price_per_1k_input: float = Field(0.0, ge=0)
+    price_per_1k_output: float = Field(0.0, ge=0)
+
+
+class TransformersWriterParams(Section):
+    checkpoint: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    """Instruction-tuned causal LM (with a chat template): hub id or local directory."""
+    batch_size: int = Field(4, ge=1)
+    temperature: float = Field(0.9, gt=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(1024, ge=16)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+
+
+class PromptsParams(Section):
+    writer: Literal["template", "openai", "transformers"] = "template"
+    """Prompt writer: offline templates, an OpenAI-compatible API, or a local LLM."""
+    style: Literal["rich", "plain"] = "rich"
+    """``rich``: busy scene descriptions; ``plain``: "a photo of a {class}" (paper's ablation)."""
+    requests: int = Field(300, ge=1)
+    """How many requests; each picks its 1-2 classes and asks for ``per_request`` prompts."""
+    per_request: int = Field(10, ge=1, le=100)
+    """Descriptions asked per request (10 in the paper)."""
+    two_class_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    """Share of requests that pick two classes instead of one."""
+    openai: OpenAIWriterParams = OpenAIWriterParams()
+    transformers: TransformersWriterParams = TransformersWriterParams()
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+class ProceduralGeneratorParams(Section):
+    drift: float = Field(0.2, ge=0.0, le=1.0)
+    """How far the counterfactual drifts from the positive besides the removed object:
+    noise, a colour/lighting shift and re-drawn distractors all grow with it."""
+    distractors: int = Field(4, ge=0, le=32)
+    """Unlabelled clutter objects in a rich scene (plain prompts get none)."""
+
+
+class DiffusersGeneratorParams(Section):
+    checkpoint: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Any diffusers text-to-image checkpoint: hub id or local directory."""
+    scheduler: Literal["dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "default"] = "dpm++"
+    steps: int = Field(20, ge=1, le=1000)
+    """Denoising steps."""
+    guidance: float = Field(7.5, ge=0.0)
+    """Classifier-free guidance scale (0 disables the unconditional rows)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    negative_prompt: str = ""
+    compile: bool = False
+    safety_checker: bool = False
+    """Off by default: it blacks out flagged images, silently poisoning a segmentation set."""
+    attention_slicing: bool = False
+    images_per_call: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Images per pipeline call, positives and counterfactuals counted apart (a UNet step sees
+    2x this many rows with guidance). ``auto``: the whole ``generate.batch_size`` (all pairs in
+    one call), at most 32 images on a GPU and 8 on a CPU (benchmarks/generate.py: 8 images per
+    call 1.7x the naive loop's pairs/s on 2 CPU cores, 2.9x on loaded ones)."""
+    counterfactual_mode: Literal["prompt_swap", "inpaint"] = "prompt_swap"
+    """``prompt_swap``: the counterfactual painted from its own prompt and the positive's
+    noise. ``inpaint``: the positive's object region (its class words' cross-attention during
+    the positive's denoising, thresholded and dilated) repainted from the counterfactual prompt
+    with the same noise and pasted back: outside the region (``cf_region/<id>.png``) the
+    counterfactual is the positive, byte for byte."""
+    inpaint_checkpoint: str | None = None
+    """``inpaint``: a dedicated inpainting checkpoint (hub id or local directory); null
+    repaints with the text-to-image model's own components."""
+    inpaint_threshold: float = Field(0.4, gt=0.0, lt=1.0)
+    """``inpaint``: a pixel is the object where its class's attention map, min-max normalised
+    over the image, exceeds this (several classes: the union)."""
+    inpaint_dilate: int = Field(8, ge=0)
+    """``inpaint``: pixels the object region grows by (a disk) before it is repainted."""
+
+
+class GenerateParams(Section):
+    backend: Literal["procedural", "diffusers"] = "procedural"
+    """Pair generator: `procedural` (offline, CPU) or `diffusers` (Stable Diffusion)."""
+    height: int = Field(64, ge=16, le=4096)
+    width: int = Field(64, ge=16, le=4096)
+    batch_size: int = Field(64, ge=1)
+    """Prompts per generator call (pairs share their seeds whatever the batch)."""
+    procedural: ProceduralGeneratorParams = ProceduralGeneratorParams()
+    diffusers: DiffusersGeneratorParams = DiffusersGeneratorParams()
+
+    @model_validator(mode="after")
+    def _size_multiple_of_8(self) -> GenerateParams:
+        if self.backend == "diffusers":
+            for key in ("height", "width"):
+                if getattr(self, key) % 8:
+                    raise ValueError(
+                        f"{key}: must be a multiple of 8 for diffusers (got {getattr(self, key)})"
+                    )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# label
+# --------------------------------------------------------------------------------------------
+class DifferenceLabelerParams(Section):
+    threshold: float = Field(0.12, gt=0.0, lt=1.0)
+    """Per-pixel |positive - counterfactual| (max over RGB, in [0, 1]) above which a pixel
+    belongs to the object, after removing the global colour shift."""
+    open_radius: int = Field(1, ge=0, le=8)
+    close_radius: int = Field(1, ge=0, le=8)
+    min_component: int = Field(6, ge=0)
+    """Connected components smaller than this many pixels are dropped."""
+
+
+class GroundedSamParams(Section):
+    detector_checkpoint: str = "IDEA-Research/grounding-dino-tiny"
+    """Grounding DINO checkpoint: hub id or local directory."""
+    sam_checkpoint: str = "facebook/sam-vit-huge"
+    """SAM checkpoint: hub id or local directory."""
+    box_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    """Per-class NMS: a box overlapping a better box of its class by more is dropped."""
+    max_detections: int = Field(20, ge=1)
+    """Most boxes kept per image after NMS (the best-scoring), so a degenerate image cannot
+    send hundreds of boxes to SAM."""
+    batch_size: int = Field(4, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    cf_check: bool = True
+    """Also run the detector on the counterfactual image and record whether the class is
+    still found there."""
+
+
+class LabelParams(Section):
+    backend: Literal["difference", "oracle", "grounded_sam"] = "difference"
+    """Labeler: `difference` (model-free), `oracle` (renderer masks), `grounded_sam`."""
+    difference: DifferenceLabelerParams = DifferenceLabelerParams()
+    grounded_sam: GroundedSamParams = GroundedSamParams()
+
+
+# --------------------------------------------------------------------------------------------
+# filter
+# --------------------------------------------------------------------------------------------
+class FilterParams(Section):
+    min_area: float = Field(0.005, ge=0.0, le=1.0)
+    """Smallest object area (all classes together) as a fraction of the image."""
+    max_area: float = Field(0.6, ge=0.0, le=1.0)
+    max_components: int = Field(3, ge=1)
+    """Most connected components per class."""
+    max_ignore: float = Field(0.05, ge=0.0, le=1.0)
+    """Largest share of ignore-labelled pixels."""
+    min_score: float = Field(0.0, ge=0.0, le=1.0)
+    """Lowest detection score (labelers that score)."""
+    min_cf_agreement: float = Field(0.0, ge=0.0, le=1.0)
+    """Lowest IoU between the labeler's mask and the counterfactual-difference mask
+    (0 switches the check off)."""
+    drop_cf_detected: bool = True
+    """Drop samples whose class is still detected in the counterfactual (labelers that check)."""
+    gallery_samples: int = Field(8, ge=0, le=64)
+    """Examples of kept and of dropped samples drawn in the gallery plot."""
+
+    @model_validator(mode="after")
+    def _area_order(self) -> FilterParams:
+        if self.min_area >= self.max_area:
+            raise ValueError(f"min_area: must be < max_area ({self.min_area} >= {self.max_area})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+class OfflineModelParams(Section):
+    width: int = Field(32, ge=4)
+    """Channels of the first U-Net level (doubled per level)."""
+    depth: int = Field(3, ge=1, le=5)
+    embed_dim: int = Field(64, ge=8)
+    text_encoder: str = "minilm"
+
+
+class ClipModelParams(Section):
+    checkpoint: str = "openai/clip-vit-base-patch16"
+    """CLIP (or SigLIP) checkpoint: hub id or local directory; its vision tower is frozen."""
+    vpt_tokens: int = Field(10, ge=0)
+    vpt_style: Literal["plain", "zegclip"] = "plain"
+    """Deep visual prompts: ``plain`` (learned tokens inserted as they are, HF position
+    interpolation) or ``zegclip`` (the published backbone's forward: prompts through a shared
+    trainable Linear and dropout 0.1, a trainable LayerNorm on the last layer's tokens, positions
+    bilinearly interpolated, the CLS token with the class embedding added twice, as written).
+    Both put prompts before every layer (the published ``total_d_layer: 11`` = 1 + 11 layers)."""
+    image_norm: Literal["model", "imagenet"] = "model"
+    """Input normalisation: ``model`` (the tower's own statistics: CLIP's, or SigLIP's) or
+    ``imagenet`` (mean 0.485/0.456/0.406, std 0.229/0.224/0.225: the published ``img_norm_cfg``,
+    which the published code applies to CLIP). Stored in the checkpoint, used at inference."""
+    decoder: Literal["query", "atm"] = "query"
+    """Decoder head: ``query`` (class queries + a learned background query, self- and
+    cross-attention, Mask2Former-style mask embedding) or ``atm`` (the published ZegCLIP ATM
+    decoder: queries from the class text x CLS relationship descriptor, masks = the last layer's
+    cross-attention logits over the patch tokens, SegLossPlus; ``decoder_dim`` must equal
+    CLIP's joint dim, background = no class mask fires). See ``magicseg.model.atm``."""
+    decoder_layers: int = Field(3, ge=1)
+    decoder_heads: int = Field(8, ge=1)
+    decoder_dim: int = Field(512, ge=8)
+    deep_supervision: bool = True
+    """Mask loss on every decoder layer (true) or on the last one only (the published ATM)."""
+    crop: int = Field(512, ge=32)
+    focal_weight: float = Field(100.0, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    loss_stride: int = Field(4, ge=1)
+    """The mask loss is computed at 1/``loss_stride`` of the crop (target nearest-downsampled);
+    1 = full resolution, as published (memory grows with the square of it)."""
+    lr_multiplier: float = Field(10.0, gt=0)
+    warmup: int = Field(1500, ge=0)
+    templates: Literal["zegclip15", "single"] = "zegclip15"
+
+
+class TrainParams(Section):
+    architecture: Literal["offline", "clip"] = "offline"
+    """Segmenter trained: `offline` (small U-Net + MiniLM) or `clip` (CLIP ViT with deep
+    visual prompts); its settings are the block of the same name."""
+    steps: int = Field(1000, ge=1)
+    """Optimiser steps."""
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate (warm-up, then cosine decay)."""
+    weight_decay: float = Field(1e-4, ge=0)
+    num_sampled: int = Field(25, ge=1)
+    """Classes scored per image: its own first, then random others (category random sampling).
+    The offline default is about 12% of the trainable classes (the paper: 100 of 1203)."""
+    cf_weight: float = Field(0.5, ge=0)
+    cf_loss: Literal["hinge_head", "hinge_pixels", "cf_background", "text_margin"] = "cf_background"
+    """Form of the counterfactual loss (see :mod:`magicseg.train` and the README; the literal
+    pixel-feature hinge can fight the pixel objective). ``cf_background`` and
+    ``hinge_pixels`` pass the counterfactual through the whole model (about twice the compute
+    per step), the other two through the image encoder only."""
+    cf_margin: float = Field(0.2, ge=0.0, le=2.0)
+    """Margin of ``cf_loss: text_margin`` (cosine units)."""
+    bg_weight: float = Field(0.1, gt=0)
+    """Cross-entropy weight of the background class."""
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    device: str = "auto"
+    logger: Literal["dvclive", "wandb", "none"] = "dvclive"
+    log_every: int = Field(25, ge=1)
+    val_every: int = Field(100, ge=1)
+    """Steps between validation mIoU measurements (and always after the last step)."""
+    num_threads: int = Field(0, ge=0)
+    """torch CPU threads (0 = library default)."""
+    offline: OfflineModelParams = OfflineModelParams()
+    clip: ClipModelParams = ClipModelParams()
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------
+class RealDatasetParams(Section):
+    enabled: bool = False
+    root: str | None = None
+    """The dataset's directory, in the layout of :mod:`magicseg.evaluation.datasets`."""
+    limit: int | None = Field(None, ge=1)
+    """Evaluate the first ``limit`` images only (quick checks); None = the whole split."""
+
+
+class EvaluateParams(Section):
+    segmenter: Literal["trained", "grounded_sam"] = "trained"
+    """What is evaluated: the trained checkpoint or the zero-shot Grounded-SAM baseline (the
+    ``label.grounded_sam`` block)."""
+    test_samples: int = Field(600, ge=1)
+    """Procedural held-out test images (rendered with seeds disjoint from training); the
+    procedural test set needs ``vocabulary.source: procedural``."""
+    test_drift: float = Field(0.2, ge=0.0, le=1.0)
+    """``generate.procedural.drift`` of the procedural test set's counterfactuals."""
+    batch_size: int = Field(64, ge=1)
+    """Procedural test images per forward pass of the trained segmenter."""
+    gallery_samples: int = Field(8, ge=0, le=64)
+    """Test images drawn in the gallery plot (each test set)."""
+    short_side: int = Field(448, ge=32)
+    """Real datasets: each image's short side is resized to this before scoring."""
+    window: int = Field(448, ge=32)
+    """Real datasets: sliding-window size in pixels."""
+    stride: int = Field(300, ge=1)
+    """Real datasets: sliding-window stride in pixels."""
+    bg_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    """Background wherever no class reaches this probability; null = the model's background
+    class."""
+    templates: tuple[str, ...] = ("{}",)
+    """Real datasets: class-name prompt templates ("a photo of a {}."), text features
+    averaged."""
+    voc: RealDatasetParams = RealDatasetParams()
+    context: RealDatasetParams = RealDatasetParams()
+    coco_object: RealDatasetParams = RealDatasetParams()
+    lvis: RealDatasetParams = RealDatasetParams()
+
+    @model_validator(mode="after")
+    def _check_templates(self):
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise ValueError("templates: give one or more strings, each with exactly one {}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# the whole file
+# --------------------------------------------------------------------------------------------
+class Params(Section):
+    profile: Literal["offline", "paper"] = "offline"
+    """Set by the Hydra profile (`dvc exp run -S profile=paper`); informational."""
+    seed: int = Field(0, ge=0)
+    """Global seed: held-out classes, prompts, sample seeds, training."""
+    vocabulary: VocabularyParams = VocabularyParams()
+    prompts: PromptsParams = PromptsParams()
+    generate: GenerateParams = GenerateParams()
+    label: LabelParams = LabelParams()
+    filter: FilterParams = FilterParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+RENAMED: dict[str, str | tuple[str, ...]] = {
+    "vocabulary.holdout": ("vocabulary.holdout_combination", "vocabulary.holdout_novel_words"),
+    "prompts.openai.model": "prompts.openai.llm",
+    "prompts.transformers.model": "prompts.transformers.checkpoint",
+    "generate.diffusers.model": "generate.diffusers.checkpoint",
+    "generate.diffusers.inpaint_model": "generate.diffusers.inpaint_checkpoint",
+    "label.grounded_sam.detector": "label.grounded_sam.detector_checkpoint",
+    "label.grounded_sam.segmenter": "label.grounded_sam.sam_checkpoint",
+    "filter.gallery": "filter.gallery_samples",
+    "train.model": "train.architecture",
+    "train.clip.model": "train.clip.checkpoint",
+    "evaluate.model": "evaluate.segmenter",
+    "evaluate.drift": "evaluate.test_drift",
+    "evaluate.gallery": "evaluate.gallery_samples",
+}
+"""Old params keys -> their new names: an old key is refused with a line naming the new one
+(``renamed to``), or the new ones when several keys replace it (a tuple: ``replaced by``)."""
+RENAMED_VALUES: dict[tuple[str, str], str] = {("evaluate.model", "checkpoint"): "trained"}
+"""(old key, old value) -> the value's new name, added to that line."""
+
+
+def _check_renamed(data: dict[str, Any], source: str) -> None:
+    """ConfigError ``<source>: <old key>: renamed to <new key>`` (``replaced by <new key> and
+    <new key>`` for a key split in several) for the first old key found."""
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            hint = RENAMED_VALUES.get((old, str(node[leaf])))
+            extra = f" ({node[leaf]} is now {hint})" if hint else ""
+            what = (
+                f"renamed to {new}" if isinstance(new, str) else f"replaced by {' and '.join(new)}"
+            )
+            raise ConfigError(f"{source}: {old}: {what}{extra}")
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    """Turn pydantic's report into one line per problem, naming the dotted key."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            parent = e["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            msg = f"unknown key (allowed: {', '.join(allowed)})"
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+                # model validators put the field name first: "file: required ..."
+                head, sep, rest = msg.partition(": ")
+                if sep and " " not in head:
+                    key = f"{key}.{head}" if key else head
+                    msg = rest
+            if "input" in e and kind != "model_type" and not kind.startswith("value_error"):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {key}: {msg}" if key else f"{source}: {msg}")
+    return "; ".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    cls: type[BaseModel] = Params
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            break
+        if issubclass(field.annotation, BaseModel):
+            cls = field.annotation
+    return sorted(cls.model_fields)
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise :class:`ConfigError` with a one-line message."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections, got {type(data).__name__}")
+    _check_renamed(data, source)
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_params(data, source=str(path.name))
+
+
+def params_to_dict(params: BaseModel) -> dict[str, Any]:
+    """Plain-data view of a params object (for checkpoints and logs)."""
+    return params.model_dump(mode="json")
+
+
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _describe(ann: Any, metadata: Sequence[Any] = ()) -> str:
+    """A type annotation in words: ``int >= 1 or auto``, ``str or null``, ``list of str``,
+    ``a \\| b`` for a choice (escaped for a Markdown table)."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin is Annotated:  # Field(...) inside Annotated carries its bounds in .metadata
+        inner = [x for m in args[1:] for x in (getattr(m, "metadata", None) or [m])]
+        return _describe(args[0], [*inner, *metadata])
+    if origin in (typing.Union, types.UnionType):
+        parts = [a for a in args if a is not type(None)]
+        text = " or ".join(_describe(a, metadata if len(parts) == 1 else ()) for a in parts)
+        return text + (" or null" if len(parts) < len(args) else "")
+    if origin in (tuple, list):
+        return f"list of {_describe(args[0])}" if args else "list"
+    text = getattr(ann, "__name__", str(ann))
+    bounds = [
+        f"{sym} {getattr(m, attr)}"
+        for m in metadata
+        for attr, sym in _BOUNDS
+        if getattr(m, attr, None) is not None
+    ]
+    return f"{text} {', '.join(bounds)}" if bounds else text
+
+
+def _default(value: Any) -> str:
+    """A default as it is written in ``params.yaml``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return json.dumps(list(value))
+    return str(value) if value != "" else '""'
+
+
+def params_reference(cls: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """Markdown table rows ``| key | default | allowed | meaning |`` for every leaf field."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(params_reference(ann, f"{key}."))
+            continue
+        doc = " ".join((field.description or "").split())
+        allowed = _describe(ann, field.metadata)
+        rows.append(f"| `{key}` | `{_default(field.default)}` | {allowed} | {doc} |")
+    return rows
+
+
+if __name__ == "__main__":
+    print("| key | default (offline) | allowed | meaning |")
+    print("|---|---|---|---|")
+    print("\n".join(params_reference()))
