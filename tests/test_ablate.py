@@ -289,9 +289,48 @@ def test_grid_results_markdown_and_plot_rows():
     md = A.markdown({"grids": {"tiny": r}})
     assert "| a | `train.cf_weight=0.0` | 2 | 0.510 ± 0.014 |" in md
     assert "| b_vs_a | b − a | **+0.095 ± 0.011** |" in md
+    assert "Beyond the noise (more than 2 SE): b_vs_a on seen mIoU (+0.095 ± 0.011)" in md
     rows = A.plot_rows(r, "tiny").splitlines()
     assert rows[0] == "cell,metric,mean,lo,hi,n"
     assert "a,seen mIoU,0.51,0.49586,0.52414,2" in rows
+
+
+def _tables(md: str) -> list[list[list[str]]]:
+    """The Markdown tables in ``md``: rows of cells (a row: a line that starts with ``|``)."""
+    tables, current = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            assert line.endswith("|"), line
+            current.append([c.strip() for c in line[1:-1].split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_markdown_tables_are_well_formed_and_say_when_nothing_is_an_effect():
+    r = _results()
+    # the noisy case: b's seeds spread wide, and a cell with one seed has no std
+    r["cells"]["b"]["metrics"]["seen"].update(std=0.2)
+    r["effects"]["b_vs_a"]["metrics"]["seen"].update(se=0.1, exceeds_noise=False)
+    md = A.markdown({"grids": {"tiny": r}})
+    tables = _tables(md)
+    assert len(tables) == 2  # the cells, the effects
+    for rows in tables:
+        assert len({len(row) for row in rows}) == 1, rows  # every row as wide as the header
+        assert set(rows[1]) <= {"---"}  # the separator
+        assert all("|" not in c and "\n" not in c for row in rows for c in row)
+    assert [row[0] for row in tables[0][2:]] == ["a", "b"]
+    assert tables[0][0][:3] == ["cell", "overrides", "n"] and "s/step" in tables[0][0]
+    assert tables[0][2][tables[0][0].index("s/step")] == "0.200"  # n = 1: no ± std
+    assert tables[1][2][:2] == ["b_vs_a", "b − a"]
+    assert tables[1][2][2:] == ["+0.095 ± 0.100", "–"]  # not bold; no step time in b
+    assert "No effect exceeds twice its standard error: every difference here is noise." in md
+    r["cells"]["b"]["metrics"]["step_s"] = A.summarize([0.3]) | {"values": {"0": 0.3}}
+    r["effects"]["b_vs_a"]["metrics"]["step_s"] = {"diff": 0.1, "se": None, "exceeds_noise": None}
+    md = A.markdown({"grids": {"tiny": r}})
+    assert "| b_vs_a | b − a | +0.095 ± 0.100 | +0.100 |" in md
+    assert "1 difference(s) without a standard error (a cell with n < 2)" in md
 
 
 def test_readme_ablation_tables_are_the_committed_ones():
@@ -555,16 +594,17 @@ def test_a_failed_experiment_is_reported_with_its_log(tiny_grid, monkeypatch):
 def test_the_real_grids_plan_on_the_miniature_project(project):
     code, out = _ablate("--grid", "all", "--seeds", "0,1,2", "--dry-run")
     assert code == 0, out
-    # paper 8 cells, sampling: K = 5, 10, 25 below the 44 trainable classes and all (48)
-    assert "48 experiments (paper, masks, sampling x seeds 0,1,2)" in out
+    # paper 8 cells, masks 4, sampling: K = 5, 25, 50, 100 below the trainable classes and all
+    # (the 252 classes of the vocabulary, which the trainer clamps): 17 cells x 3 seeds
+    assert "51 experiments (paper, masks, sampling x seeds 0,1,2)" in out
     for line in (
         "-n abl-paper-rich-hinge-head-s0 -S seed=0 -S prompts.style=rich "
         "-S train.cf_loss=hinge_head -S train.cf_weight=0.5",
         "-n abl-paper-plain-off-s2 -S seed=2 -S prompts.style=plain -S train.cf_weight=0.0",
         "-n abl-masks-oracle-no-filter-s1 -S seed=1 -S label.backend=oracle "
         "-S filter.enabled=false",
-        "-n abl-sampling-k-10-s0 -S seed=0 -S train.num_sampled=10",
-        "-n abl-sampling-k-all-s0 -S seed=0 -S train.num_sampled=48",
+        "-n abl-sampling-k-100-s0 -S seed=0 -S train.num_sampled=100",
+        "-n abl-sampling-k-all-s0 -S seed=0 -S train.num_sampled=252",
     ):
         assert f"dvc exp run --queue {line}\n" in out, line
 
@@ -572,7 +612,7 @@ def test_the_real_grids_plan_on_the_miniature_project(project):
 @pytest.mark.slow
 def test_num_sampled_above_the_trainable_classes_runs(mini, tmp_path):
     """The design card's `dvc exp run -S train.num_sampled=50`, as written, on the miniature
-    offline project (44 trainable classes): the trainer clamps K."""
+    offline project (236 trainable classes: 50 of them scored per image)."""
     clone = tmp_path / "clone"
     _git_repo(clone, clone_of=mini)
     out = _run(DVC + ["exp", "run", "-S", "train.num_sampled=50"], clone)

@@ -684,6 +684,30 @@ def _present(g: dict, metrics: Sequence[str]) -> list[str]:
     return [m for m in metrics if any(m in c["metrics"] for c in g["cells"].values())]
 
 
+def verdict(g: dict, metrics: Sequence[str]) -> str:
+    """One sentence on a grid's effects: those beyond twice their standard error, or that none
+    is (the table then says, in words, that the grid found no effect)."""
+    found, untested = [], 0
+    for ename, e in g["effects"].items():
+        for m in metrics:
+            r = e["metrics"].get(m)
+            if r is None or r["diff"] is None:
+                continue
+            if r["exceeds_noise"] is None:
+                untested += 1
+            elif r["exceeds_noise"]:
+                found.append(f"{ename} on {LABELS[m]} ({r['diff']:+.3f} ± {r['se']:.3f})")
+    if found:
+        text = "Beyond the noise (more than 2 SE): " + "; ".join(found) + "; the rest within it."
+    elif any(e["metrics"] for e in g["effects"].values()):
+        text = "No effect exceeds twice its standard error: every difference here is noise."
+    else:
+        text = "No effects yet (no cell has results)."
+    if untested:
+        text += f" {untested} difference(s) without a standard error (a cell with n < 2)."
+    return text
+
+
 def markdown(data: dict) -> str:
     """Markdown tables of every grid in ``data`` (the ``ablations.json`` content)."""
     out = []
@@ -723,7 +747,7 @@ def markdown(data: dict) -> str:
                 text = f"{r['diff']:+.3f}" + ("" if r["se"] is None else f" ± {r['se']:.3f}")
                 row.append(f"**{text}**" if r["exceeds_noise"] else text)
             out.append("| " + " | ".join(row) + " |")
-        out.append("")
+        out += ["", verdict(g, ecols), ""]
     out.append(
         "Cells: mean ± sample standard deviation over the seeds (n). Effects: a difference of "
         "cell means (an interaction: the difference of two differences) ± its standard error "
