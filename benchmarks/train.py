@@ -26,8 +26,8 @@ import torch
 
 from magicseg.core.config import TrainParams
 from magicseg.model import build_model
-from magicseg.train import Batch, compute_loss, model_config
-from magicseg.trainer import make_optimizer
+from magicseg.model.base import Batch
+from magicseg.training.loop import make_optimizer, model_config
 
 SMALL = {"hidden": 192, "layers": 4, "heads": 3, "size": 128, "decoder": 128, "batch": 4}
 FULL = {"hidden": 768, "layers": 12, "heads": 12, "size": 512, "decoder": 512, "batch": 16}
@@ -77,7 +77,7 @@ def time_steps(params: TrainParams, batch: Batch, steps: int, device: torch.devi
                 torch.cuda.synchronize()
             wall, cpu = time.perf_counter(), time.process_time()
         with autocast:
-            loss, _ = compute_loss(model, batch, params)
+            loss, _ = model.compute_loss(batch, params)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -111,11 +111,8 @@ def main() -> None:
                 "cf_loss": "hinge_head",
                 "lr": 2e-5,
                 "weight_decay": 0.01,
-                "clip": {
-                    "checkpoint": str(src),
-                    "decoder_dim": cfg["decoder"],
-                    "crop": cfg["size"],
-                },
+                "crop": cfg["size"],
+                "clip": {"checkpoint": str(src), "decoder_dim": cfg["decoder"]},
             }
         )
         print(

@@ -18,6 +18,7 @@ from magicseg.model.base import Batch
 from magicseg.model.losses import IGNORE, hinge_cos, pixel_loss, text_margin
 from magicseg.training.data import (
     BatchPlan,
+    StepBatches,
     TrainItems,
     batch_at,
     cf_rows,
@@ -27,7 +28,6 @@ from magicseg.training.data import (
     remap_target,
     sample_classes,
     split_ids,
-    StepBatches,
 )
 from magicseg.training.loggers import make_logger
 from magicseg.training.loop import STATE, TIMING, lr_factor, make_optimizer, model_config, train
@@ -217,9 +217,7 @@ def test_schedule_warmup_cosine_and_poly():
     assert f(0) == pytest.approx(0.02) and f(25) == pytest.approx(0.51)
     assert f(50) == pytest.approx(1.0) and f(999) == pytest.approx(0.05, abs=1e-4)
     assert f(525) == pytest.approx(0.05 + 0.95 * 0.5)
-    q = TrainParams(
-        steps=100, schedule="poly", warmup=10, warmup_ratio=1e-6, min_lr_ratio=0.0
-    )
+    q = TrainParams(steps=100, schedule="poly", warmup=10, warmup_ratio=1e-6, min_lr_ratio=0.0)
     g = lr_factor(q)
     assert g(0) == pytest.approx(1e-6) and g(10) == pytest.approx(0.9**0.9)
     assert g(5) == pytest.approx((0.95**0.9) * (1e-6 + (1 - 1e-6) * 0.5))
@@ -275,8 +273,12 @@ def test_train_writes_checkpoint_curves_and_the_same_bytes_every_run(
 ):
     vocab_dir, filter_dir, vocab = tiny_data
     params = tiny_train_params(cf_weight=0.1, cf_loss="hinge_head")
-    m1 = train(filter_dir, vocab_dir, params, 0, tmp_path / "a", tmp_path / "la", None, tiny_encoder)
-    m2 = train(filter_dir, vocab_dir, params, 0, tmp_path / "b", tmp_path / "lb", None, tiny_encoder)
+    m1 = train(
+        filter_dir, vocab_dir, params, 0, tmp_path / "a", tmp_path / "la", None, tiny_encoder
+    )
+    m2 = train(
+        filter_dir, vocab_dir, params, 0, tmp_path / "b", tmp_path / "lb", None, tiny_encoder
+    )
     assert m1["steps"] == 3 and m1["samples_train"] + m1["samples_val"] == 12
     assert m1["samples_val"] > 0 and 0.0 <= m1["val_miou"] <= 1.0
     assert "seconds" not in m1 and m1 == m2

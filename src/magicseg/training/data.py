@@ -167,7 +167,9 @@ def sample_classes(
     return first + [int(c) for c in extra]
 
 
-def remap_target(mask: np.ndarray | torch.Tensor, sampled: Sequence[int], num_classes: int) -> torch.Tensor:
+def remap_target(
+    mask: np.ndarray | torch.Tensor, sampled: Sequence[int], num_classes: int
+) -> torch.Tensor:
     """HxW vocabulary-index mask (``IGNORE`` for ignore) -> HxW target in the sampled index
     space: 0 = background, ``j + 1`` = ``sampled[j]``; every other class -> ``IGNORE`` (a real
     object that is not scored is not called background)."""

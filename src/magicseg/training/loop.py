@@ -207,7 +207,9 @@ def load_state(path: Path, model, opt, sched) -> tuple[int, list, list, dict]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - a damaged state is a user-visible data problem
-        raise DataError(f"{path}: unreadable training state ({type(err).__name__}); delete it")
+        raise DataError(
+            f"{path}: unreadable training state ({type(err).__name__}); delete it"
+        ) from None
     missing, unexpected = model.load_state_dict(blob["model"], strict=False)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     if unexpected or trained & set(missing):
