@@ -400,3 +400,46 @@ def test_streamed_items_match_the_files(tiny_data):
     image, cf, mask = index.read(3)
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and mask.dtype == np.int64
     assert index.ids[3] == read_manifest(filter_dir)["id"][3]
+
+
+@pytest.mark.parametrize("cf_loss", ["cf_background", "hinge_head"])
+def test_two_cpu_processes_match_one_for_the_offline_model(
+    tmp_path, tiny_data, tiny_encoder, tiny_text_dir, cf_loss
+):
+    """torch.distributed.run, 2 gloo processes x 2 images = 1 process x 4 images: the same
+    losses and the same model (BatchNorm statistics over both processes' images)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from magicseg.core.config import params_to_dict
+
+    root = Path(__file__).resolve().parents[1]
+    vocab_dir, filter_dir, _ = tiny_data
+    params = tiny_train_params(steps=3, cf_weight=0.5, cf_loss=cf_loss, logger="none")
+    one: list[float] = []
+    m1 = train(filter_dir, vocab_dir, params, 0, tmp_path / "one", None, None, tiny_encoder,
+               history=one)  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=f"{root / 'src'}:{root}", OMP_NUM_THREADS="1")
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", port, str(root / "tests/clip_helpers.py"), str(filter_dir),
+        str(vocab_dir), str(tmp_path / "two"), json.dumps(params_to_dict(params)),
+        str(tmp_path / "h.json"), str(tiny_text_dir),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "h.json").read_text())
+    assert two["metrics"]["processes"] == 2
+    np.testing.assert_allclose(two["history"], one, rtol=1e-5)
+    a = torch.load(tmp_path / "one/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "two/model.pt", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+    # validation: each process scores its shard, the confusion matrices are summed
+    assert two["metrics"]["val_pixel_acc"] == pytest.approx(m1["val_pixel_acc"], abs=1e-3)
