@@ -402,9 +402,15 @@ def test_streamed_items_match_the_files(tiny_data):
     assert index.ids[3] == read_manifest(filter_dir)["id"][3]
 
 
-@pytest.mark.parametrize("cf_loss", ["cf_background", "hinge_head"])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"cf_loss": "hinge_head"},
+        {"cf_loss": "cf_background", "precision": "bf16", "cf_fraction": 0.5},  # the default
+    ],
+)
 def test_two_cpu_processes_match_one_for_the_offline_model(
-    tmp_path, tiny_data, tiny_encoder, tiny_text_dir, cf_loss
+    tmp_path, tiny_data, tiny_encoder, tiny_text_dir, over
 ):
     """torch.distributed.run, 2 gloo processes x 2 images = 1 process x 4 images: the same
     losses and the same model (BatchNorm statistics over both processes' images)."""
@@ -418,7 +424,7 @@ def test_two_cpu_processes_match_one_for_the_offline_model(
 
     root = Path(__file__).resolve().parents[1]
     vocab_dir, filter_dir, _ = tiny_data
-    params = tiny_train_params(steps=3, cf_weight=0.5, cf_loss=cf_loss, logger="none")
+    params = tiny_train_params(steps=3, cf_weight=0.5, logger="none", **over)
     one: list[float] = []
     m1 = train(filter_dir, vocab_dir, params, 0, tmp_path / "one", None, None, tiny_encoder,
                history=one)  # fmt: skip
@@ -436,10 +442,14 @@ def test_two_cpu_processes_match_one_for_the_offline_model(
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "h.json").read_text())
     assert two["metrics"]["processes"] == 2
-    np.testing.assert_allclose(two["history"], one, rtol=1e-5)
+    # fp32: to float rounding; bf16 rounds each process's half of the batch on its own, and
+    # the optimiser turns those last-bit differences into small weight differences
+    bf16 = params.precision == "bf16"
+    np.testing.assert_allclose(two["history"], one, rtol=1e-3 if bf16 else 1e-5)
     a = torch.load(tmp_path / "one/model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "two/model.pt", weights_only=True)["state_dict"]
+    tol = {"rtol": 1e-2, "atol": 2e-3} if bf16 else {"rtol": 1e-4, "atol": 1e-5}
     for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k].float(), b[k].float(), **tol, msg=k)
     # validation: each process scores its shard, the confusion matrices are summed
     assert two["metrics"]["val_pixel_acc"] == pytest.approx(m1["val_pixel_acc"], abs=1e-3)

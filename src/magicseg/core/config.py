@@ -328,15 +328,16 @@ class TrainParams(Section):
     per step), the other two through the image encoder only."""
     cf_margin: float = Field(0.2, ge=0.0, le=2.0)
     """Margin of ``cf_loss: text_margin`` (cosine units)."""
-    cf_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    """Share of each batch whose counterfactual is passed and scored (the first
-    ceil(fraction x batch) images of each process's slice): the counterfactual pass at lower
-    cost."""
+    cf_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    """Share of each batch whose counterfactual is passed and scored (positions spread evenly
+    over the global batch): the counterfactual pass at lower cost (offline: 0.25, chosen with
+    ``benchmarks/train_levers.py``)."""
     bg_weight: float = Field(0.1, gt=0)
     """Cross-entropy weight of the background class."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Autocast dtype of the forward pass: ``bf16`` (CPU or CUDA; weights and optimiser stay
-    fp32), ``fp32``, or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
+    precision: Literal["auto", "fp32", "bf16"] = "bf16"
+    """Autocast dtype of the forward pass: ``bf16`` (CPU or CUDA; weights, optimiser and losses
+    stay fp32; on a CPU without AVX-512 BF16 or AMX it is emulated and slower: use fp32),
+    ``fp32``, or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
     channels_last: bool = True
     """Model and images in channels-last memory layout (faster convolutions on CPUs)."""
     compile: bool = False
