@@ -44,6 +44,8 @@ def tiny_clip_params(clip_dir, **overrides):
         "photometric": True,
         "cf_weight": 1.0,
         "cf_loss": "hinge_head",
+        "cf_fraction": 1.0,
+        "precision": "fp32",
         "log_every": 1,
         "val_every": 2,
         "val_fraction": 0.2,

@@ -437,7 +437,8 @@ def loader(
     pin_memory: bool,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``dataset`` with :func:`collate` (``num_workers`` processes; each
-    prepares ``2`` batches ahead)."""
+    prepares 2 batches ahead). Its own generator: starting an iteration draws nothing from
+    torch's global RNG, so a resumed run's dropout draws follow the uninterrupted run's."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batch_sampler,
@@ -445,6 +446,7 @@ def loader(
         collate_fn=collate,
         pin_memory=pin_memory,
         worker_init_fn=worker_init if num_workers else None,
+        generator=torch.Generator(),  # leaves torch's global RNG alone
     )
 
 

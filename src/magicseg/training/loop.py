@@ -21,6 +21,8 @@ the architecture; each model owns its loss (``model.compute_loss(batch, params)`
    everything that determines the run (params, seed, data, code, world size, threads), so a
    kill (SIGKILL of ``dvc repro``) and a re-run continue to the same ``model.pt`` bytes, and a
    changed input starts over. ``dvc repro`` deletes the stage's outputs, not this directory.
+   A re-run of a finished run (``dvc repro --force``) rebuilds the outputs from its final
+   state without training; delete the directory to train again.
 5. Validation (:func:`validate`): a fixed subset of the validation split
    (``val_samples``), every rank scoring its shard, confusion matrices summed.
 6. Outputs: ``<out_dir>/model.pt`` (:func:`magicseg.model.save_checkpoint`) and the metrics
@@ -465,7 +467,7 @@ def train(
         "processes": world,
     }
     if main:
-        if run_dir is not None:
+        if run_dir is not None and end > start:  # a finished run rebuilt from its state: keep
             write_json(run_dir / TIMING, timing)
         print(
             f"train: {timing['seconds']} s ({timing['steps_run']} steps at "
