@@ -208,7 +208,12 @@ def main() -> None:
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"threads={args.threads} steps={args.steps} rounds={args.rounds} (best round)")
     print(f"load: {load}")
-    print(f"cpu: {os.cpu_count()} logical; assumed fp32 peak {args.peak_gflops:.0f} GFLOP/s")
+    cores = os.cpu_count() or 1
+    peak = args.peak_gflops * min(args.threads, cores) / cores  # the share of the cores used
+    print(
+        f"cpu: {cores} logical; assumed fp32 peak {args.peak_gflops:.0f} GFLOP/s, "
+        f"{peak:.0f} for {args.threads} thread(s) (%peak: model FLOPs / time / that)"
+    )
     base = best[names[0]]
     b0 = runners[names[0]].params.batch_size
     print(
@@ -220,7 +225,7 @@ def main() -> None:
         b = runners[name].params.batch_size
         per_img, base_img = wall / b * 1e3, base[0] / b0 * 1e3
         gf = flops[name] / 1e9
-        share = 100 * gf / wall / args.peak_gflops
+        share = 100 * gf / wall / peak
         print(
             f"{name:12s} {wall:8.3f} {base[0] / wall:6.2f} {cpu:10.3f} {base[1] / cpu:6.2f} "
             f"{per_img:8.2f} {base_img / per_img:6.2f} {gf:10.2f} {share:6.1f}"
