@@ -8,7 +8,7 @@ random weights, scheduler, steps, guidance, size). Then each speed lever alone.
     # GPU: full-size SD 1.5 architecture, random weights, 512 px, bf16 (H100/H200 peak known)
     python benchmarks/generate.py --device cuda
     python benchmarks/generate.py --device cuda --compile        # adds the torch.compile lever
-    # CPU (~4 min on 2 quiet cores): a reduced SD 1.5-layout UNet (~24M params) at 128 px
+    # CPU (~4 min on 2 quiet cores): a reduced SD 1.5-layout UNet (35M params) at 128 px
     python benchmarks/generate.py --device cpu
 
 FLOPs per pair are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one pair
@@ -48,7 +48,7 @@ ARCHS = {
     # SD 1.5: UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M
     "sd15": dict(unet=(320, 640, 1280, 1280), cross=768, heads=8, vae=(128, 256, 512, 512),
                  text_layers=12, text_heads=12, text_ffn=3072),
-    # the same layout at 1/5 width: UNet ~24M
+    # the same layout at 1/5 width: UNet 35M
     "small": dict(unet=(64, 128, 256, 256), cross=256, heads=8, vae=(32, 64, 128, 128),
                   text_layers=4, text_heads=4, text_ffn=1024),
     # a toy: UNet ~1M

@@ -18,7 +18,7 @@ def main(
     plots: Path = typer.Option(..., help="per_class/<test set>.csv and gallery/<test set>.png"),
     params_file: Path = Path("params.yaml"),
 ) -> None:
-    from magicseg.evaluation import run_evaluate
+    from magicseg.evaluation.stage import run_evaluate
 
     p = load_params(params_file)
     size = (p.generate.height, p.generate.width)

@@ -36,7 +36,6 @@ from magicseg.core.stage import user_errors
 from magicseg.filter import reasons_for
 from magicseg.generate import run_generate
 from magicseg.generate.procedural import ProceduralGenerator
-from magicseg.hub import check_model_source
 from magicseg.label import LABELERS, run_label
 from magicseg.label.base import LabelResult
 from magicseg.samplecache import SampleCache, iter_keys
@@ -201,27 +200,6 @@ def labeler_mask_wrong_size(t):
     return lambda: run_label(t / "generate", t / "label", LabelParams(), N, labeler=Bad())
 
 
-def model_path_missing(t):
-    return lambda: check_model_source(str(t / "models" / "sd15"), "generate.diffusers.checkpoint")
-
-
-def hub_id_offline_not_cached(t):
-    return lambda: check_model_source(
-        "nobody/no-such-model-xyz", "label.grounded_sam.detector_checkpoint"
-    )
-
-
-def hub_unreachable(t, monkeypatch=None):
-    # online mode, and a closed local port for the hub: the connection is refused at once,
-    # as it is without a network
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    return lambda: check_model_source(
-        "nobody/no-such-model-xyz", "generate.diffusers.checkpoint", False, "http://127.0.0.1:9"
-    )
-
-
 def out_of_memory_at_batch_of_one(t):
     def always_oom(batch):
         raise MemoryError
@@ -280,13 +258,6 @@ FATAL = [
     (input_manifest_missing, "empty/manifest.parquet: manifest not found"),
     (every_image_unreadable, "label: none of the 12 pairs"),
     (labeler_mask_wrong_size, "labeler 'bad_size' returned a 8x8 mask for the 64x64 image"),
-    (model_path_missing, "generate.diffusers.checkpoint: "),
-    (hub_id_offline_not_cached, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
-    (
-        hub_unreachable,
-        "cannot reach the Hugging Face hub for 'nobody/no-such-model-xyz' (no "
-        "network? ConnectError)",
-    ),
     (out_of_memory_at_batch_of_one, "generate (test): out of memory on a batch of 1"),
     (disk_full_generate, "disk full while writing"),
     (disk_full_label, "disk full while writing"),
@@ -327,6 +298,79 @@ def test_stage_script_prints_one_line(base, tmp_path, setup, stage, culprit):
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and culprit in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# model sources: each stage that loads a model prints the README's line, word for word
+# --------------------------------------------------------------------------------------------
+def _readme_line(test_id: str) -> str:
+    """The last column of the README's bad-input row ``test_id`` (between backticks)."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith(f"| `{test_id}` |"):
+            return line.rstrip(" |").rsplit("| `", 1)[1].rstrip("`")
+    raise AssertionError(f"README.md has no bad-input row {test_id}")
+
+
+MODEL_SOURCES = [
+    # (test id, stage, params given, environment)
+    (
+        "model_path_missing",
+        "generate",
+        {"generate": {"backend": "diffusers", "diffusers": {"checkpoint": "./models/sd15"}}},
+        {"HF_HUB_OFFLINE": "1"},
+    ),
+    (
+        "hub_id_offline_not_cached",
+        "label",
+        {"label": {"backend": "grounded_sam", "grounded_sam": {"detector_checkpoint": "org/name"}}},
+        {"HF_HUB_OFFLINE": "1"},
+    ),
+    (  # online, and the hub at a closed local port: refused at once, as without a network
+        "hub_unreachable",
+        "train",
+        {"train": {"architecture": "clip", "clip": {"checkpoint": "org/name"}}},
+        {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "test_id, stage, given, environ", MODEL_SOURCES, ids=[c[0] for c in MODEL_SOURCES]
+)
+def test_model_source_error_is_the_readme_line(base, tmp_path, test_id, stage, given, environ):
+    """Through the stage script, as DVC runs it, in an empty Hugging Face cache: exit 2 and
+    exactly the README's line on stderr, before any model is loaded."""
+    import os
+    import subprocess
+    import sys
+
+    t = _copy(base, tmp_path, "vocabulary", "prompts", "generate", "params.yaml")
+    for section, update in given.items():
+        _params(t, section, update)
+    out = {
+        "generate": ["--prompts", t / "prompts", "--out", t / "out", "--cache", t / "c"],
+        "label": ["--generated", t / "generate", "--out", t / "out", "--metrics", t / "m.json"],
+        "train": [
+            "--data",
+            t / "nowhere",
+            "--out",
+            t / "out",
+            "--metrics",
+            t / "m.json",
+            "--live",
+            t / "live",
+        ],  # fmt: skip
+    }[stage]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"PYTHONPATH": str(ROOT / "src"), "HF_HOME": str(t / "hf"), **environ}
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--vocab", str(t / "vocabulary"),
+         *map(str, out), "--params-file", str(t / "params.yaml")],
+        cwd=t, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert errors == [f"error: {_readme_line(test_id)}"], res.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,12 +476,16 @@ def test_torch_oom_is_recognised():
 
 def test_catalogue_table_lists_every_case():
     table = (ROOT / "docs" / "bad_inputs.md").read_text()
-    names = [f.__name__ for f, _ in FATAL] + [
-        "corrupt_image",
-        "truncated_image",
-        "mask_wrong_size",
-        "out_of_memory_halves_the_batch",
-        "disk_full_keeps_finished_samples",
-    ]
+    names = (
+        [f.__name__ for f, _ in FATAL]
+        + [c[0] for c in MODEL_SOURCES]
+        + [
+            "corrupt_image",
+            "truncated_image",
+            "mask_wrong_size",
+            "out_of_memory_halves_the_batch",
+            "disk_full_keeps_finished_samples",
+        ]
+    )
     missing = [n for n in names if f"`{n}`" not in table]
     assert not missing, missing

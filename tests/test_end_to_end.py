@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"vocabulary", "prompts", "generate", "label", "filter", "train", "evaluate"}
+STAGES = {"vocabulary", "check", "prompts", "generate", "label", "filter", "train", "evaluate"}
 DATA_STAGES = {"vocabulary", "prompts", "generate", "label", "filter"}
 
 MINI = {
@@ -168,7 +168,8 @@ def test_editing_the_core_marks_every_stage(project):
     [
         ("src/magicseg/training/loop.py", {"train"}),
         ("src/magicseg/model/offline.py", {"train", "evaluate"}),
-        ("src/magicseg/prompts/openai_writer.py", {"prompts"}),
+        ("src/magicseg/prompts/openai_writer.py", {"prompts", "check"}),  # the LLM probe
+        ("src/magicseg/evaluation/datasets/pascal.py", {"check", "evaluate"}),  # the layouts
         ("src/magicseg/viz.py", {"filter", "evaluate"}),
     ],
 )
@@ -190,9 +191,14 @@ def test_a_label_param_reruns_label_and_what_reads_its_output(project, tmp_path)
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["label"]["difference"]["threshold"] = 0.2
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _changed(clone) == {"label"}  # only its own params changed
+    assert _changed(clone) == {"check", "label"}  # the stages that read label params
     ran = _ran(_run(DVC + ["repro"], clone))
-    assert ran == {"label", "filter", "train", "evaluate"}  # new labels flow downstream
+    # new labels flow downstream; the pre-flight passes again with the same report, so
+    # prompts and generate (which depend on it) do not run
+    assert ran == {"check", "label", "filter", "train", "evaluate"}
+    assert (clone / "data/check/report.json").read_text() == (
+        project.root / "data/check/report.json"
+    ).read_text()
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ from magicseg.core.errors import DataError
 from magicseg.core.io import read_image, read_json
 from magicseg.core.seeding import derive_seed
 from magicseg.core.vocabulary import build_vocabulary
-from magicseg.evaluation import run_evaluate
 from magicseg.evaluation.procedural import make_test_records
+from magicseg.evaluation.stage import run_evaluate
 from magicseg.metrics import ConfusionMatrix
 from magicseg.model import build_model, save_checkpoint
 

@@ -16,10 +16,10 @@ from tests.real_dataset_fixtures import make_context, make_voc
 from magicseg.core.config import EvaluateParams, GroundedSamParams
 from magicseg.core.errors import DataError
 from magicseg.core.io import read_image, read_json, write_image
-from magicseg.evaluation import run_evaluate
 from magicseg.evaluation.datasets import open_real_dataset
 from magicseg.evaluation.real import score_dataset, score_real_datasets
 from magicseg.evaluation.segmenters import GroundedSamSegmenter
+from magicseg.evaluation.stage import run_evaluate
 from magicseg.inference import (
     Predictor,
     SlidingPredictor,
@@ -303,7 +303,7 @@ def test_checkpoint_on_voc_through_run_evaluate(tmp_path, tiny_encoder, tiny_dat
 
 def test_another_vocabulary_is_scored_on_the_real_datasets_only(tmp_path, tiny_encoder, capsys):
     """With the paper's LVIS vocabulary there is no procedural test set to render: the real
-    datasets are scored; with none enabled there is nothing to evaluate."""
+    datasets are scored."""
     from magicseg.core.io import write_manifest
     from magicseg.core.vocabulary import build_vocabulary
 
@@ -321,8 +321,28 @@ def test_another_vocabulary_is_scored_on_the_real_datasets_only(tmp_path, tiny_e
         "voc.csv",
         "voc20.csv",
     ]
-    with pytest.raises(DataError, match="nothing to evaluate"):
-        run_evaluate(ckpt, tmp_path / "vocab", EvaluateParams(), 0, text_encoder=tiny_encoder)
+
+
+def test_another_vocabulary_without_a_real_dataset_is_a_note_not_an_error(tmp_path, capsys):
+    """Nothing to score after training is said in the metrics and in one line; no model is
+    loaded (the checkpoint here does not exist)."""
+    from magicseg.core.io import write_manifest
+    from magicseg.core.vocabulary import build_vocabulary
+
+    write_manifest(tmp_path / "vocab", build_vocabulary("lvis").to_frame())
+    m = run_evaluate(
+        tmp_path / "no-such-model.pt",
+        tmp_path / "vocab",
+        EvaluateParams(),
+        0,
+        metrics_path=tmp_path / "eval.json",
+        plots_dir=tmp_path / "plots",
+    )
+    assert m["test_sets"] == 0 and "vocabulary.source: procedural (got 'lvis')" in m["note"]
+    assert read_json(tmp_path / "eval.json") == m
+    assert (tmp_path / "plots").is_dir()  # the stage's declared output exists
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"evaluate: {m['note']}"]
 
 
 def test_missing_dataset_fails_before_the_model_is_loaded(tmp_path):

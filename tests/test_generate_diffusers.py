@@ -38,12 +38,12 @@ def model_dir(tmp_path_factory):
     return tiny_sd_pipeline_dir(tmp_path_factory.mktemp("tiny_sd"))
 
 
-def make_params(model_dir, batch_size: int = 4, **diffusers) -> GenerateParams:
+def make_params(model_dir, batch_size: int = 4, size: int = SIZE, **diffusers) -> GenerateParams:
     opts = {"checkpoint": str(model_dir), "steps": 3, "device": "cpu", "guidance": 5.0} | diffusers
     return GenerateParams(
         backend="diffusers",
-        height=SIZE,
-        width=SIZE,
+        height=size,
+        width=size,
         batch_size=batch_size,
         diffusers=DiffusersGeneratorParams(**opts),
     )
@@ -82,6 +82,24 @@ def test_registry_builds_generator_and_pairs_have_meta(model_dir):
         assert m["dtype"] == "float32" and m["device"] == "cpu" and m["seconds"] > 0
         json.dumps(m)  # run_generate stores it as JSON
     assert not np.array_equal(pairs[0].positive, pairs[1].positive)  # seeds differ
+
+
+def test_images_per_call_auto_batches_on_a_cpu(model_dir):
+    """auto = the whole batch (both images of every pair), at most 8 images on a CPU."""
+    rows = []
+    gen = DiffusersPairGenerator(make_params(model_dir, batch_size=3))
+    assert gen.images_per_call == 6
+    hook = gen.pipe.unet.register_forward_pre_hook(
+        lambda mod, args, kwargs: rows.append((args[0] if args else kwargs["sample"]).shape[0]),
+        with_kwargs=True,
+    )
+    try:
+        gen.generate(records(3))
+    finally:
+        hook.remove()
+    assert set(rows) == {12}  # one call: 6 images x 2 (guidance) per UNet step
+    assert DiffusersPairGenerator(make_params(model_dir, batch_size=64)).images_per_call == 8
+    assert DiffusersPairGenerator(make_params(model_dir, batch_size=1)).images_per_call == 2
 
 
 def test_pair_shares_initial_latents(model_dir):
@@ -213,10 +231,227 @@ def test_inpaint_counterfactual_keeps_background(model_dir):
 
 
 # ------------------------------------------------------------------------------------------
+# counterfactual_mode: inpaint, wired into the generate stage
+# ------------------------------------------------------------------------------------------
+INPAINT_SIZE = 32  # latents 16x16, cross-attention at 8x8
+
+
+def inpaint_params(model_dir, batch_size: int = 3, **diffusers) -> GenerateParams:
+    opts = {"counterfactual_mode": "inpaint", "inpaint_threshold": 0.6, "inpaint_dilate": 1}
+    opts |= {"images_per_call": 1} | diffusers
+    return make_params(model_dir, batch_size=batch_size, size=INPAINT_SIZE, **opts)
+
+
+def write_prompts(directory, recs) -> None:
+    frame = pd.DataFrame(
+        {
+            "id": [r.id for r in recs],
+            "prompt": [r.prompt for r in recs],
+            "cf_prompt": [r.cf_prompt for r in recs],
+            "class_ids": [list(r.class_ids) for r in recs],
+            "class_names": [list(r.class_names) for r in recs],
+            "seed": [r.seed for r in recs],
+        }
+    )
+    write_manifest(directory, frame)
+
+
+def read_pairs(directory) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]]:
+    """(positive, counterfactual, cf_region as bool or None, meta) per manifest row."""
+    from magicseg.core.io import read_mask
+
+    out = []
+    for row in read_manifest(directory).itertuples(index=False):
+        region = read_mask(directory / row.cf_region) > 0 if row.cf_region else None
+        out.append(
+            (
+                read_image(directory / row.image),
+                read_image(directory / row.cf_image),
+                region,
+                json.loads(row.meta),
+            )
+        )
+    return out
+
+
+def image_files(directory) -> dict[str, bytes]:
+    return {
+        f.relative_to(directory).as_posix(): f.read_bytes()
+        for sub in ("images", "counterfactual", "cf_region")
+        for f in sorted((directory / sub).glob("*.png"))
+    }
+
+
+def test_inpaint_mode_repaints_only_the_recorded_region(model_dir, tmp_path):
+    """Through run_generate: the counterfactual is the positive byte for byte outside the
+    recorded region and differs inside it; the positive is prompt_swap's positive; the region
+    is a non-empty, partial, dilated mask; the manifest records the mode."""
+    recs = records(3)
+    write_prompts(tmp_path / "prompts", recs)
+    run_generate(tmp_path / "prompts", tmp_path / "inpaint", inpaint_params(model_dir), 1)
+    swap = inpaint_params(model_dir, counterfactual_mode="prompt_swap")
+    run_generate(tmp_path / "prompts", tmp_path / "swap", swap, 1)
+    manifest = read_manifest(tmp_path / "inpaint")
+    assert list(manifest["cf_region"]) == [f"cf_region/{r.id}.png" for r in recs]
+    assert read_manifest(tmp_path / "swap")["cf_region"].isna().all()
+    for (pos, cf, region, meta), (pos_swap, cf_swap, none, meta_swap) in zip(
+        read_pairs(tmp_path / "inpaint"), read_pairs(tmp_path / "swap"), strict=True
+    ):
+        assert meta["counterfactual_mode"] == "inpaint" and none is None
+        assert meta_swap["counterfactual_mode"] == "prompt_swap"
+        assert meta["inpaint_threshold"] == 0.6 and meta["inpaint_dilate"] == 1
+        np.testing.assert_array_equal(pos, pos_swap)  # recording attention changes nothing
+        assert 0.05 < region.mean() < 0.95  # a real region, not all or nothing
+        assert meta["cf_region_fraction"] == pytest.approx(region.mean(), abs=1e-5)
+        np.testing.assert_array_equal(cf[~region], pos[~region])  # background: the same bytes
+        assert np.abs(cf[region].astype(int) - pos[region].astype(int)).mean() > 3
+        assert not np.array_equal(cf, cf_swap)  # not the prompt-swap counterfactual
+
+    # dilated: the region at inpaint_dilate 1 is the region at 0 grown by a 1-pixel disk
+    from magicseg.generate.diffusers_backend import dilate_mask
+
+    tight = DiffusersPairGenerator(inpaint_params(model_dir, inpaint_dilate=0)).generate(recs)
+    for (_, _, region, _), pair in zip(read_pairs(tmp_path / "inpaint"), tight, strict=True):
+        assert pair.cf_region.sum() < region.sum()
+        np.testing.assert_array_equal(region, dilate_mask(pair.cf_region, 1))
+
+
+def test_inpaint_mode_is_deterministic_whatever_the_batch_size(model_dir, tmp_path):
+    recs = records(3)
+    write_prompts(tmp_path / "prompts", recs)
+    for name, batch in (("a", 3), ("b", 3), ("c", 1), ("d", 2)):
+        params = inpaint_params(model_dir, batch_size=batch)
+        run_generate(tmp_path / "prompts", tmp_path / name, params, 1)
+    first = image_files(tmp_path / "a")
+    assert len(first) == 9
+    for name in "bcd":
+        assert image_files(tmp_path / name) == first, name
+
+
+def test_inpaint_mode_batched_calls_keep_each_records_region(model_dir):
+    """Several images per call (CFG rows [uncond x n, cond x n]): each record's region is
+    still its own; the images agree with one-per-call to the last bit of a pixel."""
+    recs = records(3)
+    batched = DiffusersPairGenerator(inpaint_params(model_dir, images_per_call=6)).generate(recs)
+    alone = DiffusersPairGenerator(inpaint_params(model_dir)).generate(recs)
+    for a, b in zip(batched, alone, strict=True):
+        assert np.abs(a.positive.astype(int) - b.positive.astype(int)).max() <= 1
+        assert (a.cf_region == b.cf_region).mean() > 0.98
+        np.testing.assert_array_equal(a.counterfactual[~a.cf_region], a.positive[~a.cf_region])
+    assert (batched[0].cf_region != batched[1].cf_region).any()  # records differ
+
+
+def test_inpaint_mode_through_the_stage_cli(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+    from tests.scaleout_helpers import ROOT, env
+
+    from magicseg.core.config import Params, params_to_dict
+    from magicseg.core.vocabulary import build_vocabulary
+
+    recs = records(2)
+    write_prompts(tmp_path / "prompts", recs)
+    vocab = build_vocabulary("procedural", holdout=0)
+    write_manifest(tmp_path / "vocabulary", vocab.to_frame())
+    params = Params().model_copy(update={"generate": inpaint_params(model_dir)})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params)))
+    cmd = [
+        sys.executable, str(ROOT / "stages/generate.py"), "--vocab", str(tmp_path / "vocabulary"),
+        "--prompts", str(tmp_path / "prompts"), "--out", str(tmp_path / "gen"),
+        "--params-file", str(tmp_path / "params.yaml"),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    pairs = read_pairs(tmp_path / "gen")
+    assert len(pairs) == 2
+    for pos, cf, region, meta in pairs:
+        assert meta["counterfactual_mode"] == "inpaint" and region.any()
+        np.testing.assert_array_equal(cf[~region], pos[~region])
+        assert (cf[region] != pos[region]).any()
+
+
+def test_recorder_keeps_the_conditional_rows_softmax():
+    """One cross-attention call of 2n rows ([uncond x n, cond x n]): the recorder keeps the
+    head-averaged softmax(q k^T / sqrt(d)) of the cond rows, per image, and the layer's output
+    is the wrapped processor's."""
+    from diffusers.models.attention_processor import Attention
+
+    from magicseg.generate.diffusers_backend import CrossAttentionRecorder
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
+    unet = torch.nn.Module()
+    unet.attn_processors = {"x.attn2.processor": attn.processor}  # what the recorder wraps
+    unet.set_attn_processor = lambda procs: attn.set_processor(procs["x.attn2.processor"])
+    n, grid = 2, (2, 3)
+    hidden = torch.randn(2 * n, 6, 8)
+    text = torch.randn(2 * n, 5, 6)
+    expected_out = attn(hidden, encoder_hidden_states=text)
+    with torch.no_grad(), CrossAttentionRecorder(unet, (4, 6), factors=[2]) as rec:
+        rec.reset(n)
+        out = attn(hidden, encoder_hidden_states=text)
+        out = attn(hidden, encoder_hidden_states=text)  # a second layer/step: summed
+    torch.testing.assert_close(out, expected_out)
+    q = attn.to_q(hidden[n:]).view(n, 6, 2, 4).transpose(1, 2)
+    k = attn.to_k(text[n:]).view(n, 5, 2, 4).transpose(1, 2)
+    probs = (q @ k.transpose(-1, -2) / 2.0).softmax(-1).mean(1)  # n x 6 x 5
+    maps = rec.maps([[[1, 3]], [[4], []]], size=grid)
+    for j, idx in ((0, [1, 3]), (1, [4])):
+        want = probs[j][:, idx].mean(-1).reshape(grid).detach().numpy()
+        np.testing.assert_allclose(maps[j][0], want, rtol=1e-5)  # same size: no resampling
+    assert maps[1][1] is None
+    assert attn.processor.__class__.__name__ != "_RecordingProcessor"  # restored
+
+
+def test_class_token_positions_find_every_form_of_the_name(model_dir):
+    from magicseg.generate.diffusers_backend import class_token_positions
+
+    tok = DiffusersPairGenerator(make_params(model_dir)).pipe.tokenizer
+    prompt = "Two red balls near a red ball's shadow on the beach"
+    ball, beach, kite = class_token_positions(tok, prompt, ["red ball", "beach", "kite"])
+    ids = tok(prompt, max_length=tok.model_max_length, truncation=True)["input_ids"]
+    text = [tok.decode([ids[i]]).strip() for i in ball]
+    assert "".join(text) == "redballsredball"  # plural and possessive, no article
+    assert "".join(tok.decode([ids[i]]).strip() for i in beach) == "beach"
+    assert kite == [] and 0 not in ball  # absent name; never the start token
+    far = "sand " * 100 + "and a red ball"  # the mention lies beyond the 77-token truncation
+    assert class_token_positions(tok, far, ["red ball"]) == [[]]
+
+
+def test_inpaint_mode_class_beyond_the_truncation_keeps_the_positive(model_dir, capsys):
+    far = PromptRecord("far", "sand " * 100 + "and a red ball", "sand", (1,), ("red ball",), 5)
+    gen = DiffusersPairGenerator(inpaint_params(model_dir))
+    (pair,) = gen.generate([far])
+    assert not pair.cf_region.any() and pair.meta["cf_region_fraction"] == 0
+    np.testing.assert_array_equal(pair.counterfactual, pair.positive)
+    assert "prompt far: no object region" in capsys.readouterr().err
+
+
+def test_cache_key_follows_the_inpaint_params(model_dir):
+    from magicseg.generate import generate_keys
+
+    recs = records(1)
+
+    def key(**kw):
+        gen = DiffusersPairGenerator(make_params(model_dir, **kw))
+        return generate_keys(recs, gen.params, gen, 1)[0]
+
+    keys = {
+        key(),
+        key(counterfactual_mode="inpaint"),
+        key(counterfactual_mode="inpaint", inpaint_threshold=0.5),
+        key(counterfactual_mode="inpaint", inpaint_dilate=3),
+    }
+    assert len(keys) == 4
+
+
+# ------------------------------------------------------------------------------------------
 # clear errors, before any image
 # ------------------------------------------------------------------------------------------
 def test_missing_local_dir_and_not_a_pipeline_dir(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(BackendError, match=r"checkpoint: .*nope does not exist \(a local model"):
         DiffusersPairGenerator(make_params(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="model_index.json"):
@@ -297,3 +532,11 @@ def test_sdxl_pipeline_through_the_same_params(tmp_path):
     assert pairs[1].positive.shape == (SIZE, SIZE, 3)
     assert np.abs(pairs[1].positive.astype(int) - alone.positive.astype(int)).max() <= 1
     assert np.abs(pairs[1].counterfactual.astype(int) - alone.counterfactual.astype(int)).max() <= 1
+    # the inpainting counterfactual works on SDXL's UNet and pipelines too
+    inp = DiffusersPairGenerator(inpaint_params(model, images_per_call=2))
+    assert type(inp.inpaint_pipe).__name__ == "StableDiffusionXLInpaintPipeline"
+    for pair in inp.generate(records(2)):
+        region = pair.cf_region
+        assert 0 < region.mean() < 1
+        np.testing.assert_array_equal(pair.counterfactual[~region], pair.positive[~region])
+        assert np.abs(pair.counterfactual[region].astype(int) - pair.positive[region]).mean() > 3

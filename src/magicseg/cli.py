@@ -1,5 +1,6 @@
 """The ``magicseg`` command line: ``predict`` with a trained checkpoint, ``info`` on this setup,
-``export`` of the kept dataset (COCO JSON, Hugging Face datasets).
+``check`` (the pre-flight of a params file), ``export`` of the kept dataset (COCO JSON, Hugging
+Face datasets).
 
 User errors (:class:`magicseg.core.errors.MagicsegError`) print one line and exit with status 2.
 """
@@ -127,6 +128,60 @@ def info(
         "models available offline: "
         + ", ".join(f"{k} ({'yes' if v else 'no'})" for k, v in sorted(offline.items()))
     )
+
+
+@app.command()
+@user_errors
+def check(
+    params: Annotated[Path, typer.Option(help="The composed params to check.")] = Path(
+        "params.yaml"
+    ),
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-S",
+            help="Compose the params from --conf with this Hydra override instead, as "
+            "`dvc exp run -S` does (repeatable: -S profile=paper -S train.steps=2000).",
+        ),
+    ] = None,
+    conf: Annotated[Path, typer.Option(help="The Hydra config directory for -S.")] = Path("conf"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the LLM endpoint.")] = 10.0,
+) -> None:
+    """Pre-flight of PARAMS before a long run: every model reference, the LLM endpoint and
+    its key, every enabled benchmark root and layout, free disk for the planned dataset, a GPU
+    where a model stage runs (with a training-time estimate). One line per check (ok, warning,
+    error); exit status 2 if any failed. The `check` stage of dvc.yaml runs the same."""
+    from magicseg.core.config import load_params
+    from magicseg.preflight import preflight
+
+    if set_:
+        p = load_params(_compose(conf, set_))
+    else:
+        p = load_params(params)
+    checks = preflight(p, echo=typer.echo, timeout=timeout)
+    warnings = sum(c.status == "warning" for c in checks)
+    typer.echo(f"check: passed ({len(checks)} checks, {warnings} warnings)")
+
+
+def _compose(conf: Path, overrides: list[str]) -> Path:
+    """``conf/config.yaml`` composed with ``overrides`` (DVC's Hydra composition, as
+    ``dvc exp run -S`` does) into a temporary params file; ConfigError for a bad override."""
+    import tempfile
+
+    from dvc.utils.hydra import compose_and_dump
+
+    if not (conf / "config.yaml").is_file():
+        raise ConfigError(f"--conf: {conf}/config.yaml not found (run from the repository root)")
+    out = Path(tempfile.mkdtemp(prefix="magicseg-check-")) / "params.yaml"
+    try:
+        compose_and_dump(
+            out, str(conf.resolve()), None, "config", str(conf.resolve().parent), overrides
+        )
+    except Exception as err:  # noqa: BLE001 - Hydra raises many kinds for a bad override
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"-S: cannot compose {' '.join(overrides)} ({first})") from None
+    return out
 
 
 HF_ONLY = (

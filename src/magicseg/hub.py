@@ -26,7 +26,14 @@ def looks_like_path(ref: str) -> bool:
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """``HF_HUB_OFFLINE`` is set (in the environment, or as huggingface_hub read it)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - comes with transformers and diffusers
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def check_model_source(

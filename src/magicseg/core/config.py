@@ -129,13 +129,22 @@ class DiffusersGeneratorParams(Section):
     images_per_call: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """Images per pipeline call, positives and counterfactuals counted apart (a UNet step sees
     2x this many rows with guidance). ``auto``: the whole ``generate.batch_size`` (all pairs in
-    one call, at most 32 images) on CUDA; 1 on a CPU, where batching measured no faster
-    (benchmarks/generate.py)."""
+    one call), at most 32 images on a GPU and 8 on a CPU (benchmarks/generate.py: 8 images per
+    call 1.7x the naive loop's pairs/s on 2 CPU cores, 2.9x on loaded ones)."""
     counterfactual_mode: Literal["prompt_swap", "inpaint"] = "prompt_swap"
+    """``prompt_swap``: the counterfactual painted from its own prompt and the positive's
+    noise. ``inpaint``: the positive's object region (its class words' cross-attention during
+    the positive's denoising, thresholded and dilated) repainted from the counterfactual prompt
+    with the same noise and pasted back: outside the region (``cf_region/<id>.png``) the
+    counterfactual is the positive, byte for byte."""
     inpaint_checkpoint: str | None = None
-    """Inpainting checkpoint for ``counterfactual_mode: inpaint``; null = the text-to-image
-    checkpoint's components in an inpainting pipeline."""
+    """``inpaint``: a dedicated inpainting checkpoint (hub id or local directory); null
+    repaints with the text-to-image model's own components."""
+    inpaint_threshold: float = Field(0.4, gt=0.0, lt=1.0)
+    """``inpaint``: a pixel is the object where its class's attention map, min-max normalised
+    over the image, exceeds this (several classes: the union)."""
     inpaint_dilate: int = Field(8, ge=0)
+    """``inpaint``: pixels the object region grows by (a disk) before it is repainted."""
 
 
 class GenerateParams(Section):

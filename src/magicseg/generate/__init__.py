@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -110,6 +111,8 @@ def generate_keys(
     """Per record, the cache key: everything that determines its files (backend and its
     params block, model fingerprint, image size, mask encoding, prompt, seed, library code).
     Not the batch size, the rank or the order: those do not change a sample."""
+    from magicseg.prompts import counterfactual
+
     block = getattr(params, generator.name, None)
     common = {
         "stage": "generate",
@@ -119,7 +122,10 @@ def generate_keys(
         "size": [params.height, params.width],
         "mask_dtype": str(mask_dtype(num_classes)),
         "code": code_fingerprint(
-            Path(__file__).parent, io.__file__, *source_files(type(generator))
+            Path(__file__).parent,
+            io.__file__,
+            counterfactual.__file__,  # class-name forms: the inpainting region's tokens
+            *source_files(type(generator)),
         ),
     }
     return [
@@ -149,9 +155,11 @@ def run_generate(
     """Generate every prompt's pair into ``out_dir``.
 
     Files: ``images/<id>.png`` (positive), ``counterfactual/<id>.png``, ``oracle/<id>.png``
-    (exact class-index mask, when the generator knows it). ``manifest.parquet`` columns: id,
-    prompt, cf_prompt, class_ids, class_names, seed, image, cf_image, oracle_mask (relative
-    paths; oracle_mask None when unknown), backend, meta (JSON).
+    (exact class-index mask, when the generator knows it), ``cf_region/<id>.png`` (the region
+    an inpainting counterfactual repainted: 1 inside, 0 where the two images are identical).
+    ``manifest.parquet`` columns: id, prompt, cf_prompt, class_ids, class_names, seed, image,
+    cf_image, oracle_mask, cf_region (relative paths; None when absent), backend, meta (JSON,
+    with ``counterfactual_mode`` for the diffusers backend).
 
     Every pair is made once into the per-sample cache ``cache_dir`` (keep it outside DVC
     outputs; None: a temporary ``out_dir/.cache``, removed at the end) and linked into
@@ -237,6 +245,7 @@ COLUMNS = [
     "image",
     "cf_image",
     "oracle_mask",
+    "cf_region",
     "backend",
     "meta",
 ]
@@ -253,6 +262,8 @@ def _cache_pair(cache: SampleCache, key: str, pair: Pair, num_classes: int) -> N
     }
     if pair.oracle_mask is not None:
         writers["oracle.png"] = lambda p: write_mask(p, pair.oracle_mask, num_classes)
+    if pair.cf_region is not None:
+        writers["cf_region.png"] = lambda p: write_mask(p, pair.cf_region.astype(np.uint8), 1)
     cache.put(key, writers, {"meta": json.dumps(pair.meta, sort_keys=True)})
 
 
@@ -263,10 +274,13 @@ def _link_pair(out: Path, rec: PromptRecord, entry: dict | None, backend: str) -
     image, cf_image = f"images/{rec.id}.png", f"counterfactual/{rec.id}.png"
     materialise(files["positive.png"], out / image)
     materialise(files["counterfactual.png"], out / cf_image)
-    oracle = None
+    oracle = region = None
     if "oracle.png" in files:
         oracle = f"oracle/{rec.id}.png"
         materialise(files["oracle.png"], out / oracle)
+    if "cf_region.png" in files:
+        region = f"cf_region/{rec.id}.png"
+        materialise(files["cf_region.png"], out / region)
     return {
         "id": rec.id,
         "prompt": rec.prompt,
@@ -277,6 +291,7 @@ def _link_pair(out: Path, rec: PromptRecord, entry: dict | None, backend: str) -
         "image": image,
         "cf_image": cf_image,
         "oracle_mask": oracle,
+        "cf_region": region,
         "backend": backend,
         "meta": entry["meta"],
     }

@@ -29,12 +29,15 @@ class PromptRecord:
 class Pair:
     """A generated pair: ``positive`` and ``counterfactual`` are HWC uint8 RGB arrays;
     ``oracle_mask`` (HW int, vocabulary indices, 0 = background) when the generator knows
-    the exact object pixels; ``meta`` holds per-sample facts (timing, model, ...)."""
+    the exact object pixels; ``meta`` holds per-sample facts (timing, model, ...);
+    ``cf_region`` (HW bool) when the counterfactual is the positive with only that region
+    repainted (``counterfactual_mode: inpaint``): outside it the two images are identical."""
 
     positive: np.ndarray
     counterfactual: np.ndarray
     oracle_mask: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    cf_region: np.ndarray | None = None
 
 
 class PairGenerator(Protocol):

@@ -17,7 +17,6 @@ Heavy imports (torch, transformers) happen inside functions and the labeler's co
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -288,44 +287,43 @@ def segmenter_pixels(
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def _check_source(key: str, source: str, expected: Sequence[str]) -> str:
-    """The model_type of a hub id or local directory; BackendError naming ``key`` otherwise."""
+def check_source(key: str, source: str, expected: Sequence[str]) -> str:
+    """The loadable form of a hub id or local directory whose config is one of the
+    ``expected`` model types; a one-line BackendError naming ``label.grounded_sam.<key>``
+    otherwise. :func:`magicseg.hub.check_model_source` first (path exists, id cached or the
+    hub answers), then the config alone is read (no weights)."""
     from transformers import AutoConfig
 
+    from magicseg.hub import check_model_source
+
+    name = f"label.grounded_sam.{key}"
+    where = check_model_source(source, name)
     path = Path(source).expanduser()
-    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1
-    if looks_local and not path.is_dir():
-        raise BackendError(f"label.grounded_sam.{key}: local directory {source} does not exist")
     try:
-        config = AutoConfig.from_pretrained(str(path) if path.is_dir() else source)
+        config = AutoConfig.from_pretrained(str(path) if where == "local" else source)
     except (OSError, ValueError) as err:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            hint = (
-                "not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it "
-                "once online or give a local directory"
-            )
-        else:
-            hint = f"unknown model id, no access, or no network ({str(err).splitlines()[0]})"
-        raise BackendError(f"label.grounded_sam.{key}: cannot load {source!r}: {hint}") from None
+        raise BackendError(
+            f"{name}: cannot load {source!r} ({str(err).strip().splitlines()[0]})"
+        ) from None
     if config.model_type.startswith("sam2"):
         raise BackendError(
-            f"label.grounded_sam.{key}: {source!r} is a SAM 2 checkpoint, not supported yet "
+            f"{name}: {source!r} is a SAM 2 checkpoint, not supported yet "
             "(transformers' SAM 2 image processor needs torchvision); use a SAM checkpoint"
         )
     if config.model_type not in expected:
         raise BackendError(
-            f"label.grounded_sam.{key}: {source!r} is a {config.model_type!r} model, expected "
+            f"{name}: {source!r} is a {config.model_type!r} model, expected "
             f"{' or '.join(repr(e) for e in expected)}"
         )
-    return str(path) if path.is_dir() else source
+    return str(path) if where == "local" else source
 
 
 def load_models(params: GroundedSamParams, device: str, dtype: torch.dtype) -> tuple:
     """(detector, detector processor, segmenter, segmenter processor), eval mode on device."""
     from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel
 
-    det_src = _check_source("detector_checkpoint", params.detector_checkpoint, DETECTOR_TYPES)
-    seg_src = _check_source("sam_checkpoint", params.sam_checkpoint, SEGMENTER_TYPES)
+    det_src = check_source("detector_checkpoint", params.detector_checkpoint, DETECTOR_TYPES)
+    seg_src = check_source("sam_checkpoint", params.sam_checkpoint, SEGMENTER_TYPES)
     try:
         det = GroundingDinoForObjectDetection.from_pretrained(det_src, dtype=dtype)
         det_proc = AutoProcessor.from_pretrained(det_src)

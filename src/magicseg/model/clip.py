@@ -76,6 +76,19 @@ ZEGCLIP_TEMPLATES = (
 TEMPLATES = {"zegclip15": ZEGCLIP_TEMPLATES, "single": ("a photo of a {}.",)}
 
 
+CHECKPOINT_KEY = "train.clip.checkpoint"
+"""The params key named in the errors of a CLIP source that cannot be loaded."""
+
+
+def check_source(source: str) -> str:
+    """:func:`magicseg.hub.check_model_source` for a CLIP/SigLIP ``source`` before anything is
+    loaded: a one-line BackendError naming ``train.clip.checkpoint`` when the directory is
+    missing, the id is not cached offline or the hub does not answer."""
+    from magicseg.hub import check_model_source
+
+    return check_model_source(source, CHECKPOINT_KEY)
+
+
 def _load(cls, source: str, key: str, **kwargs):
     """``cls.from_pretrained(source)`` with a one-line BackendError naming ``key``."""
     from transformers.utils import logging
@@ -96,6 +109,7 @@ def load_vision_tower(source: str) -> tuple[nn.Module, nn.Module | None]:
     from transformers import AutoConfig, AutoModel, CLIPVisionModelWithProjection
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_source(source)
     cfg = _load(AutoConfig, source, "train.clip.checkpoint")
     if cfg.model_type in ("clip", "clip_vision_model"):
         kw = {}
@@ -554,6 +568,7 @@ class ClipTextEncoder:
     ) -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection
 
+        check_source(source)
         cfg = _load(AutoConfig, source, "train.clip.checkpoint")
         self.name = "clip"
         self.is_clip = cfg.model_type == "clip"

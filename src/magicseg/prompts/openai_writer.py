@@ -148,37 +148,8 @@ class OpenAIWriter:
 
     def _connect(self) -> None:
         """Build the client once and check key and server before any work (BackendError)."""
-        if self._client is not None:
-            return
-        try:
-            import openai
-        except ImportError:
-            raise BackendError(
-                "prompts.openai: the openai package is not installed (pip install 'magicseg[llm]')"
-            ) from None
-
-        p = self.params
-        key = os.environ.get(p.api_key_env)
-        if not key:
-            raise BackendError(
-                f"prompts.openai: environment variable {p.api_key_env} is not set (the API key; "
-                "servers without auth accept any value, e.g. EMPTY)"
-            )
-        where = p.base_url or "the OpenAI API"
-        client = openai.OpenAI(api_key=key, base_url=p.base_url, max_retries=0, timeout=p.timeout_s)
-        try:
-            client.models.list()
-        except openai.AuthenticationError:
-            raise BackendError(
-                f"prompts.openai: {where} rejected the key in {p.api_key_env}"
-            ) from None
-        except (openai.APIConnectionError, openai.InternalServerError) as err:
-            raise BackendError(
-                f"prompts.openai: cannot reach {where} ({type(err).__name__}); is the server up?"
-            ) from None
-        except openai.APIStatusError:
-            pass  # reachable; some servers do not list models
-        self._client = client
+        if self._client is None:
+            self._client, _ = open_client(self.params)
 
     def _call(self, messages: list[dict[str, str]], seed: int) -> dict[str, Any]:
         """One chat completion with retries; returns the cache entry."""
@@ -237,6 +208,43 @@ class OpenAIWriter:
             f"prompts.openai: {p.base_url or 'OpenAI API'} failed {p.max_retries + 1} times "
             f"(last: {last}); answers so far are cached, re-run to resume"
         )
+
+
+def open_client(
+    params: OpenAIWriterParams, timeout: float | None = None
+) -> tuple[Any, list[str] | None]:
+    """An ``openai`` client of ``params.base_url``, checked before any work: the key variable
+    is set, and the server answers ``GET /models`` within ``timeout`` seconds (default
+    ``params.timeout_s``) and accepts the key. Returns (client, the model ids the server
+    lists, or None where it lists none); a one-line BackendError otherwise."""
+    try:
+        import openai
+    except ImportError:
+        raise BackendError(
+            "prompts.openai: the openai package is not installed (pip install 'magicseg[llm]')"
+        ) from None
+
+    p = params
+    key = os.environ.get(p.api_key_env)
+    if not key:
+        raise BackendError(
+            f"prompts.openai: environment variable {p.api_key_env} is not set (the API key; "
+            "servers without auth accept any value, e.g. EMPTY)"
+        )
+    where = p.base_url or "the OpenAI API"
+    client = openai.OpenAI(api_key=key, base_url=p.base_url, max_retries=0, timeout=p.timeout_s)
+    try:
+        listed = client.with_options(timeout=timeout or p.timeout_s).models.list()
+        models = sorted(m.id for m in listed.data) or None
+    except openai.AuthenticationError:
+        raise BackendError(f"prompts.openai: {where} rejected the key in {p.api_key_env}") from None
+    except (openai.APIConnectionError, openai.InternalServerError) as err:
+        raise BackendError(
+            f"prompts.openai: cannot reach {where} ({type(err).__name__}); is the server up?"
+        ) from None
+    except (openai.APIStatusError, openai.APIResponseValidationError):
+        models = None  # reachable; some servers do not list models
+    return client, models
 
 
 def _retry_after(response: Any) -> float | None:

@@ -48,4 +48,39 @@ def open_real_dataset(name: str, root: str | Path | None, limit: int | None = No
     return readers[name](Path(root).expanduser(), limit=limit)
 
 
-__all__ = ["REAL_DATASETS", "RealDataset", "Sample", "open_real_dataset", "require"]
+def nothing_to_score(source: str) -> str:
+    """Why a ``source`` vocabulary with no real dataset enabled has no test set (one line)."""
+    return (
+        f"nothing scored: the procedural test set needs vocabulary.source: procedural (got "
+        f"{source!r}) and no real dataset is enabled (set evaluate.<voc|context|coco_object|"
+        "lvis>.enabled and .root)"
+    )
+
+
+def check_real_dataset(name: str, root: str | Path | None) -> str:
+    """The layout of real dataset ``name`` at ``root``, checked as its reader checks it but
+    without reading the set (no image decoded, no annotation parsed): a short description of
+    what was found, or a one-line :class:`DataError` naming ``evaluate.<name>.root``."""
+    from magicseg.evaluation.datasets.coco import check_layout
+    from magicseg.evaluation.datasets.pascal import ContextDataset, VOCDataset
+
+    if name not in REAL_DATASETS:
+        raise DataError(f"unknown real dataset {name!r} (choose from {', '.join(REAL_DATASETS)})")
+    if not root:
+        raise DataError(f"evaluate.{name}.root: not set (the dataset is enabled)")
+    root = Path(root).expanduser()
+    if name in ("voc", "context"):
+        reader = VOCDataset if name == "voc" else ContextDataset
+        return f"{len(reader.check_layout(root))} images listed in {reader.split_file}"
+    return check_layout(name, root)
+
+
+__all__ = [
+    "REAL_DATASETS",
+    "RealDataset",
+    "Sample",
+    "check_real_dataset",
+    "nothing_to_score",
+    "open_real_dataset",
+    "require",
+]

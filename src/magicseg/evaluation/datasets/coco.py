@@ -59,6 +59,45 @@ def rasterize(
     return out
 
 
+def _coco_api(name: str):
+    """pycocotools' COCO class; BackendError naming ``evaluate.<name>`` when it is missing."""
+    try:
+        from pycocotools.coco import COCO
+    except ImportError:
+        raise BackendError(
+            f"evaluate.{name}: needs pycocotools (pip install 'magicseg[coco]')"
+        ) from None
+    return COCO
+
+
+def coco_object_annotations(root: Path) -> Path:
+    """The COCO-Object annotations file after checking the layout (nothing parsed)."""
+    ann = "annotations/instances_val2017.json"
+    require(root, [ann, "val2017"], "coco_object", COCO_LAYOUT)
+    return root / ann
+
+
+def lvis_annotations(root: Path) -> Path:
+    """The LVIS v1 val annotations file (in ``root`` or ``root/annotations``) after checking
+    the layout (nothing parsed)."""
+    for ann in ("lvis_v1_val.json", "annotations/lvis_v1_val.json"):
+        if (root / ann).is_file():
+            break
+    require(root, [ann], "lvis", LVIS_LAYOUT)
+    return root / ann
+
+
+def check_layout(name: str, root: Path) -> str:
+    """What :class:`CocoSemantic` needs for ``name`` (coco_object or lvis) at ``root``, checked
+    without parsing the annotations (pycocotools importable, the layout's files present):
+    the annotations file's size in words, or a one-line error naming ``evaluate.<name>``."""
+    _coco_api(name)
+    ann = coco_object_annotations(root) if name == "coco_object" else lvis_annotations(root)
+    size = ann.stat().st_size
+    shown = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+    return f"{ann.relative_to(root)} ({shown})"
+
+
 class CocoSemantic:
     """A COCO-format instances file as a semantic segmentation dataset."""
 
@@ -70,13 +109,7 @@ class CocoSemantic:
         name: str,
         limit: int | None = None,
     ) -> None:
-        try:
-            from pycocotools.coco import COCO
-        except ImportError:
-            raise BackendError(
-                f"evaluate.{name}: needs pycocotools (pip install 'magicseg[coco]')"
-            ) from None
-
+        COCO = _coco_api(name)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             try:
                 self.coco = COCO(str(annotations))
@@ -105,18 +138,12 @@ class CocoSemantic:
     @classmethod
     def coco_object(cls, root: Path, limit: int | None = None) -> CocoSemantic:
         """COCO-Object: COCO 2017 val instances, 80 classes + background (5000 images)."""
-        ann = "annotations/instances_val2017.json"
-        require(root, [ann, "val2017"], "coco_object", COCO_LAYOUT)
-        return cls(root / ann, root, "coco", "coco_object", limit)
+        return cls(coco_object_annotations(root), root, "coco", "coco_object", limit)
 
     @classmethod
     def lvis(cls, root: Path, limit: int | None = None) -> CocoSemantic:
         """LVIS v1 val: 1203 classes + background (19809 images from COCO 2017)."""
-        for ann in ("lvis_v1_val.json", "annotations/lvis_v1_val.json"):
-            if (root / ann).is_file():
-                break
-        require(root, [ann], "lvis", LVIS_LAYOUT)
-        return cls(root / ann, root, "lvis", "lvis", limit)
+        return cls(lvis_annotations(root), root, "lvis", "lvis", limit)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -36,14 +36,21 @@ class _PascalSplit:
 
     def __init__(self, root: Path, limit: int | None = None) -> None:
         root = Path(root)
-        require(root, [self.split_file, "JPEGImages", self.label_dir], self.key, self.layout)
+        ids = self.check_layout(root)
         self.root = root
-        ids = [s.strip() for s in (root / self.split_file).read_text().splitlines() if s.strip()]
-        if not ids:
-            raise DataError(f"{root / self.split_file}: no image ids")
         self.ids = ids[:limit] if limit else ids
         self.names = check_names(builtin_names(self.vocabulary), self.vocabulary)
         self.ignore = IGNORE_U8
+
+    @classmethod
+    def check_layout(cls, root: Path) -> list[str]:
+        """The split's image ids, after checking the layout (no image read); DataError naming
+        ``evaluate.<key>.root`` otherwise."""
+        require(root, [cls.split_file, "JPEGImages", cls.label_dir], cls.key, cls.layout)
+        ids = [s.strip() for s in (root / cls.split_file).read_text().splitlines() if s.strip()]
+        if not ids:
+            raise DataError(f"{root / cls.split_file}: no image ids")
+        return ids
 
     def __len__(self) -> int:
         return len(self.ids)

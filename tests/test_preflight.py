@@ -1,0 +1,383 @@
+"""The pre-flight (``magicseg check``, the ``check`` stage): every model reference, the LLM
+endpoint, benchmark roots, what evaluate scores, disk and devices, one line each; a failure is
+exit 2 with one ``error:`` line naming the first failed key; the stage's report holds the
+verdict alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.chat_server import ChatServer
+from tests.real_dataset_fixtures import make_context, make_voc
+from typer.testing import CliRunner
+
+from magicseg.cli import app
+from magicseg.core.config import Params, parse_params
+from magicseg.core.errors import DataError
+from magicseg.evaluation.datasets import check_real_dataset, open_real_dataset
+from magicseg.preflight import (
+    Check,
+    PreflightError,
+    VitShape,
+    check_devices,
+    check_disk,
+    clip_step_flops,
+    planned_bytes,
+    preflight,
+    report,
+    run_checks,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY_ENV = "MAGICSEG_PREFLIGHT_KEY"
+
+
+def _models(root: Path) -> dict[str, Path]:
+    """Directories that pass each backend's source check without weights: a diffusers
+    ``model_index.json``, Grounding DINO and SAM configs, a CLIP directory."""
+    from transformers import GroundingDinoConfig, SamConfig
+
+    sd = root / "sd"
+    sd.mkdir(parents=True)
+    (sd / "model_index.json").write_text("{}")
+    GroundingDinoConfig().save_pretrained(root / "gdino")
+    SamConfig().save_pretrained(root / "sam")
+    (root / "clip").mkdir()
+    return {"sd": sd, "detector": root / "gdino", "sam": root / "sam", "clip": root / "clip"}
+
+
+def _paper(tmp_path: Path, server: ChatServer | None = None, **sections) -> Params:
+    """A paper-like setting on local stand-ins: LVIS, the openai writer, diffusers,
+    Grounded-SAM, clip, VOC and Context enabled on miniature trees."""
+    m = _models(tmp_path / "models")
+    voc, _ = make_voc(tmp_path / "datasets")
+    ctx, _ = make_context(tmp_path / "datasets")
+    data = {
+        "vocabulary": {"source": "lvis", "holdout": 0},
+        "prompts": {
+            "writer": "openai",
+            "requests": 6015,
+            "openai": {
+                "base_url": server.base_url if server else None,
+                "api_key_env": KEY_ENV,
+                "llm": "m",
+            },  # fmt: skip
+        },
+        "generate": {
+            "backend": "diffusers",
+            "height": 512,
+            "width": 512,
+            "diffusers": {"checkpoint": str(m["sd"]), "device": "cpu"},
+        },  # fmt: skip
+        "label": {
+            "backend": "grounded_sam",
+            "grounded_sam": {
+                "detector_checkpoint": str(m["detector"]),
+                "sam_checkpoint": str(m["sam"]),
+                "device": "cpu",
+            },  # fmt: skip
+        },
+        "train": {
+            "architecture": "clip",
+            "steps": 20000,
+            "batch_size": 16,
+            "crop": 512,
+            "cf_fraction": 1.0,
+            "device": "cpu",
+            "clip": {"checkpoint": str(m["clip"])},
+        },  # fmt: skip
+        "evaluate": {
+            "voc": {"enabled": True, "root": str(voc)},
+            "context": {"enabled": True, "root": str(ctx)},
+        },  # fmt: skip
+    }
+    for name, update in sections.items():
+        _merge(data.setdefault(name, {}), update)
+    return parse_params(data)
+
+
+def _merge(base: dict, update: dict) -> None:
+    for k, v in update.items():
+        if isinstance(v, dict):
+            _merge(base.setdefault(k, {}), v)
+        else:
+            base[k] = v
+
+
+def _by_key(checks: list[Check]) -> dict[str, Check]:
+    return {c.key: c for c in checks}
+
+
+def one_tflops(device) -> float:
+    return 1.0
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "EMPTY")
+
+
+@pytest.fixture(autouse=True)
+def empty_hub_cache(tmp_path, monkeypatch):
+    """No model of the machine's Hugging Face cache is seen; offline mode."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
+# --------------------------------------------------------------------------------------------
+# the checks
+# --------------------------------------------------------------------------------------------
+def test_a_good_paper_setting_passes_with_a_line_per_item(tmp_path, key_env):
+    with ChatServer() as server:
+        checks = list(run_checks(_paper(tmp_path, server), tmp_path, measure=one_tflops))
+    by = _by_key(checks)
+    assert not [c for c in checks if c.status == "error"], [c.line() for c in checks]
+    for key in ("generate.diffusers.checkpoint", "label.grounded_sam.detector_checkpoint",
+                "label.grounded_sam.sam_checkpoint", "train.clip.checkpoint",
+                "prompts.openai.api_key_env", "prompts.openai.base_url", "evaluate.voc.root",
+                "evaluate.context.root", "disk", "train.device"):  # fmt: skip
+        assert key in by, key
+    assert by["generate.diffusers.checkpoint"].message.endswith(
+        "(a diffusers pipeline, local directory)"
+    )
+    assert by["label.grounded_sam.sam_checkpoint"].message.endswith("(a sam checkpoint)")
+    assert by["evaluate.voc.root"].message.endswith(
+        "3 images listed in ImageSets/Segmentation/val.txt"
+    )
+    assert by["prompts.openai.base_url"].status == "ok" and "evaluate" not in by
+    # model stages on this CPU: warnings, with the amount of work
+    assert by["generate.diffusers.device"].status == "warning"
+    assert "120300 images of 512x512 x 20 steps" in by["generate.diffusers.device"].message
+    assert by["train.device"].status == "warning" and by["train.device"].machine
+    assert all(c.line().startswith(f"{c.status:<7} {c.key}: ") for c in checks)
+
+
+def test_model_sources_fail_with_the_backends_own_lines(tmp_path, key_env):
+    p = _paper(
+        tmp_path,
+        generate={"diffusers": {"checkpoint": str(tmp_path / "nope")}},
+        label={"grounded_sam": {"detector_checkpoint": "org/uncached"}},
+        train={"clip": {"checkpoint": str(tmp_path / "models/gdino")}},
+    )
+    p = p.model_copy(update={"prompts": p.prompts.model_copy(update={"writer": "template"})})
+    by = _by_key(list(run_checks(p, tmp_path, measure=one_tflops)))
+    gen = by["generate.diffusers.checkpoint"]
+    assert gen.status == "error" and gen.message == (
+        f"{tmp_path / 'nope'} does not exist (a local model directory or a hub id like 'org/name')"
+    )
+    det = by["label.grounded_sam.detector_checkpoint"]
+    assert det.status == "error" and "not in the local Hugging Face cache" in det.message
+    assert by["label.grounded_sam.sam_checkpoint"].status == "ok"
+    # a directory is all the clip check asks of a path (its config is read when it loads)
+    assert by["train.clip.checkpoint"].status == "ok"
+
+
+def test_a_wrong_model_type_and_a_directory_without_model_index(tmp_path, key_env):
+    m = tmp_path / "models"
+    p = _paper(
+        tmp_path,
+        label={"grounded_sam": {"sam_checkpoint": str(m / "gdino")}},
+    )
+    (m / "sd" / "model_index.json").unlink()
+    by = _by_key(list(run_checks(p, tmp_path, measure=one_tflops)))
+    assert (
+        "is a 'grounding-dino' model, expected 'sam'"
+        in by["label.grounded_sam.sam_checkpoint"].message
+    )
+    assert "not a diffusers pipeline directory" in by["generate.diffusers.checkpoint"].message
+
+
+def test_llm_key_variable_server_and_model(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    by = _by_key(list(run_checks(_paper(tmp_path), tmp_path, measure=one_tflops)))
+    assert by["prompts.openai.api_key_env"].status == "error"
+    assert f"{KEY_ENV} is not set" in by["prompts.openai.api_key_env"].message
+
+    monkeypatch.setenv(KEY_ENV, "EMPTY")
+    with ChatServer() as server:
+        dead = server.base_url
+    p = _paper(tmp_path / "b", prompts={"openai": {"base_url": dead}})
+    by = _by_key(list(run_checks(p, tmp_path, timeout=2, measure=one_tflops)))
+    assert by["prompts.openai.base_url"].status == "error"
+    assert by["prompts.openai.base_url"].message.startswith(f"cannot reach {dead}")
+
+    with ChatServer(models=["other-llm"]) as server:
+        p = _paper(tmp_path / "c", server)
+        by = _by_key(list(run_checks(p, tmp_path, measure=one_tflops)))
+    assert by["prompts.openai.base_url"].status == "ok"
+    assert by["prompts.openai.llm"].status == "warning"
+    assert "'m' is not among the models" in by["prompts.openai.llm"].message
+    assert server.calls == 0  # the probe lists models; it writes nothing
+
+
+def test_benchmarks_roots_layouts_and_nothing_to_score(tmp_path, key_env):
+    p = _paper(
+        tmp_path,
+        evaluate={"voc": {"root": str(tmp_path / "nowhere")}, "coco_object": {"enabled": True}},
+    )
+    by = _by_key(list(run_checks(p, tmp_path, measure=one_tflops)))
+    assert by["evaluate.voc.root"].status == "error"
+    assert "does not hold ImageSets/Segmentation/val.txt" in by["evaluate.voc.root"].message
+    assert by["evaluate.coco_object.root"].message == "not set (the dataset is enabled)"
+    assert by["evaluate.context.root"].status == "ok"
+
+    off = {n: {"enabled": False} for n in ("voc", "context")}
+    by = _by_key(
+        list(run_checks(_paper(tmp_path / "b", evaluate=off), tmp_path, measure=one_tflops))
+    )
+    assert by["evaluate"].status == "warning"
+    assert (
+        "procedural test set needs vocabulary.source: procedural (got 'lvis')"
+        in by["evaluate"].message
+    )
+
+
+def test_layout_check_reads_no_annotations(tmp_path):
+    """A COCO tree whose annotations are not JSON passes the layout check (nothing is
+    parsed) and fails when the reader opens it."""
+    (tmp_path / "val2017").mkdir()
+    ann = tmp_path / "annotations" / "instances_val2017.json"
+    ann.parent.mkdir()
+    ann.write_text("not json")
+    assert check_real_dataset("coco_object", tmp_path).startswith(
+        "annotations/instances_val2017.json ("
+    )
+    with pytest.raises(DataError, match="not a COCO instances file"):
+        open_real_dataset("coco_object", tmp_path)
+    with pytest.raises(DataError, match="evaluate.lvis.root: .* does not hold"):
+        check_real_dataset("lvis", tmp_path)
+
+
+Usage = namedtuple("Usage", "total used free")
+
+
+@pytest.mark.parametrize(
+    "free_gb, status",
+    [(1000, "ok"), (100, "warning"), (10, "error")],
+    ids=["room", "tight", "full"],
+)
+def test_disk_one_copy_and_the_caches(tmp_path, monkeypatch, free_gb, status):
+    p = _paper(tmp_path)
+    one = planned_bytes(p)
+    # 60150 pairs of two 512x512 PNGs (0.6 of raw) and a mask
+    assert one == int(6015 * 10 * 512 * 512 * (2 * 3 * 0.6 + 0.1))
+    monkeypatch.setattr("shutil.disk_usage", lambda path: Usage(0, 0, free_gb * 10**9))
+    check = check_disk(p, tmp_path)
+    assert check.status == status and check.machine and f"{free_gb:.1f} GB free" in check.message
+
+
+def test_devices_cuda_asked_for_without_one(tmp_path, key_env):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-CUDA error")
+    p = _paper(tmp_path, train={"device": "cuda"}, generate={"diffusers": {"device": "cuda:0"}})
+    by = _by_key(check_devices(p, measure=one_tflops))
+    assert (
+        by["train.device"].status == "error"
+        and "CUDA is not available" in by["train.device"].message
+    )
+    assert by["generate.diffusers.device"].status == "error"
+
+
+def test_devices_float16_on_a_cpu(tmp_path, key_env):
+    p = _paper(tmp_path, generate={"diffusers": {"dtype": "float16"}})
+    by = _by_key(check_devices(p, measure=one_tflops))
+    assert by["generate.diffusers.dtype"].status == "error"
+    assert by["generate.diffusers.dtype"].message.startswith("float16 is not supported on the CPU")
+    assert "label.grounded_sam.dtype" not in by  # auto: float32 on a CPU
+
+
+def test_training_time_is_the_steps_flops_at_the_measured_rate(tmp_path, key_env):
+    p = _paper(tmp_path)
+    shape = VitShape(hidden=8, intermediate=32, layers=2, patch=16)
+    # crop 512, 10 prompts: N = 32*32 + 1 + 10 tokens; batch 16, x3 backward, x2 counterfactual
+    n = 1024 + 1 + 10
+    per_image = 2 * (2 * n * (4 * 64 + 2 * 8 * 32) + 4 * n * n * 8)
+    assert clip_step_flops(p, shape) == 16 * per_image * 3 * 2
+    no_cf = p.model_copy(update={"train": p.train.model_copy(update={"cf_weight": 0.0})})
+    assert clip_step_flops(no_cf, shape) == 16 * per_image * 3
+    # ViT-B/16 (its config is not readable from an empty directory): 20k steps at 1 TFLOP/s
+    (check,) = [c for c in check_devices(p, measure=one_tflops) if c.key == "train.device"]
+    hours = 20000 * clip_step_flops(p, VitShape()) / 1e12 / 3600
+    assert check.status == "warning" and f"at least {hours:.1f} h" in check.message
+    small = p.model_copy(update={"train": p.train.model_copy(update={"steps": 2})})
+    (check,) = [c for c in check_devices(small, measure=one_tflops) if c.key == "train.device"]
+    assert check.status == "ok"  # a few seconds on a CPU is no reason to warn
+
+
+# --------------------------------------------------------------------------------------------
+# the verdict, the command, the stage
+# --------------------------------------------------------------------------------------------
+def test_preflight_raises_on_the_first_error_and_writes_no_report(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    p = _paper(tmp_path, evaluate={"voc": {"root": str(tmp_path / "nowhere")}})
+    lines: list[str] = []
+    with pytest.raises(PreflightError) as err:
+        preflight(p, tmp_path / "report.json", tmp_path, echo=lines.append, measure=one_tflops)
+    assert str(err.value).startswith(f"prompts.openai.api_key_env: environment variable {KEY_ENV}")
+    assert str(err.value).endswith("(and 1 more failed checks above)")
+    assert sum(line.startswith("error ") for line in lines) == 2
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_the_report_is_the_same_bytes_whatever_the_machine(tmp_path, key_env, monkeypatch):
+    with ChatServer() as server:
+        p = _paper(tmp_path, server)
+        preflight(p, tmp_path / "a.json", tmp_path, echo=lambda s: None, measure=one_tflops)
+        monkeypatch.setattr("shutil.disk_usage", lambda path: Usage(0, 0, 10**15))
+        preflight(p, tmp_path / "b.json", tmp_path, echo=lambda s: None, measure=lambda d: 7.0)
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert json.loads((tmp_path / "a.json").read_text()) == report()
+
+
+def test_magicseg_check_command(tmp_path, monkeypatch):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"vocabulary": {"source": "file", "file": "nope.txt"}}))
+    res = CliRunner().invoke(app, ["check", "--params", str(params)])
+    assert res.exit_code == 2
+    assert "error   vocabulary.file: nope.txt does not exist" in res.output
+    assert res.output.strip().splitlines()[-1] == "error: vocabulary.file: nope.txt does not exist"
+
+    params.write_text(yaml.safe_dump({}))  # the offline default: disk only
+    res = CliRunner().invoke(app, ["check", "--params", str(params)])
+    assert res.exit_code == 0 and res.output.splitlines()[0].startswith("ok      disk: ")
+    assert res.output.strip().endswith("check: passed (1 checks, 0 warnings)")
+
+
+def test_check_stage_script(tmp_path):
+    """As DVC runs it: exit 2 and one error line, no report; then the report."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {"voc": {"enabled": True}}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, str(ROOT / "stages/check.py"), "--out", str(tmp_path / "r/report.json"),
+           "--params-file", str(params)]  # fmt: skip
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and not (tmp_path / "r").exists()
+    assert res.stderr.strip().splitlines() == [
+        "error: evaluate.voc.root: not set (the dataset is enabled)"
+    ]
+    params.write_text(yaml.safe_dump({}))
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "r/report.json").read_text()) == report()
+
+
+def test_magicseg_check_composes_overrides_like_dvc_exp_run(tmp_path):
+    conf = ["--conf", str(ROOT / "conf")]
+    res = CliRunner().invoke(
+        app, ["check", *conf, "-S", "vocabulary.source=file", "-S", "vocabulary.file=nope.txt"]
+    )
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines()[-1] == "error: vocabulary.file: nope.txt does not exist"
+    res = CliRunner().invoke(app, ["check", *conf, "-S", "profile=paper", "-S", "train.stepz=3"])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        "error: -S: cannot compose profile=paper train.stepz=3 (Could not override 'train.stepz'.)"
+    ]
