@@ -16,7 +16,9 @@ def main(
     out: Path = typer.Option(..., help="checkpoint directory"),
     metrics: Path = typer.Option(...),
     live: Path = typer.Option(..., help="dvclive directory (training curves)"),
-    state: Path = typer.Option(..., help="resumable training states (kept across dvc repro)"),
+    state: Path | None = typer.Option(
+        None, help="resumable training states (kept across dvc repro); none: keep no state"
+    ),
     params_file: Path = Path("params.yaml"),
 ) -> None:
     from magicseg.training.loop import train
