@@ -26,7 +26,7 @@ from magicseg.prompts.stage import run_prompts
 
 def prompts(root: Path, requests: int) -> Path:
     p = Params()
-    vocab = build_vocabulary("procedural", holdout=8)
+    vocab = build_vocabulary("procedural", holdout_combination=8)
     write_manifest(root / "vocabulary", vocab.to_frame())
     run_prompts(vocab, p.prompts.model_copy(update={"requests": requests}), 0, root / "prompts")
     return root / "prompts"

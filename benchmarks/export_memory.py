@@ -38,7 +38,7 @@ def make_layout(root: Path, n: int, size: int, distinct: int = 8) -> None:
     from magicseg.generate.base import PromptRecord
     from magicseg.generate.procedural import ProceduralGenerator
 
-    vocab = build_vocabulary("procedural", holdout=8)
+    vocab = build_vocabulary("procedural", holdout_combination=8)
     write_manifest(root / "vocabulary", vocab.to_frame())
     gen = ProceduralGenerator(ProceduralGeneratorParams(), size, size)
     for k in range(distinct):

@@ -847,7 +847,12 @@ def main(argv: list[str] | None = None) -> dict:
             node = node[p]
         node[last] = str(tmp / "clip") if key == "train.clip.checkpoint" else value
     params = parse_params(data, "paper profile + dry-run overrides")
-    vocab = build_vocabulary(params.vocabulary.source, holdout=params.vocabulary.holdout)
+    v = params.vocabulary
+    vocab = build_vocabulary(
+        v.source,
+        holdout_combination=v.holdout_combination,
+        holdout_novel_words=v.holdout_novel_words,
+    )
     records = make_records(params, vocab, params.generate.batch_size)
     print(
         f"paper_dryrun: {'tiny' if args.tiny else 'paper'} sizes on {device} "

@@ -65,7 +65,7 @@ def make_dataset(root: Path, n: int, size: int) -> tuple[Path, Path]:
     from magicseg.generate.base import PromptRecord
     from magicseg.generate.procedural import ProceduralGenerator
 
-    vocab = build_vocabulary("procedural", holdout=8, seed=0)
+    vocab = build_vocabulary("procedural", holdout_combination=16, holdout_novel_words=2, seed=0)
     write_manifest(root / "vocabulary", vocab.to_frame())
     gen = ProceduralGenerator(ProceduralGeneratorParams(), size, size)
     rows = []
@@ -138,7 +138,8 @@ class Runner:
             self.model, params, lambda: torch.autocast("cpu", torch.bfloat16, enabled=bf16)
         )
         b = params.batch_size
-        items = D.TrainItems(index, D.BatchPlan(len(index), b, 0), vocab.trainable, 40, params, 0)
+        items = D.TrainItems(index, D.BatchPlan(len(index), b, 0), vocab.trainable, params.num_sampled, params, 0
+        )
         loader = D.loader(items, D.StepBatches(0, 10**6, b, 0, 1), params.num_workers, False)
         self.batches = iter(loader)
         self.features = torch.nn.functional.normalize(torch.randn(len(vocab), text_dim), dim=-1)

@@ -49,7 +49,9 @@ def tiny_encoder(tiny_text_dir):
     return HFMeanPoolEncoder(tiny_text_dir, name="tiny")
 
 
-def make_data(root: Path, n: int = 12, size: int = 32, holdout: int = 8, seed: int = 0):
+def make_data(
+    root: Path, n: int = 12, size: int = 32, holdout: int = 8, novel_words: int = 1, seed: int = 0
+):
     """Vocabulary + a filter-like directory of ``n`` procedural pairs (oracle masks).
 
     Layout mirrors the pipeline: ``vocabulary/``, ``generate/{images,counterfactual}``,
@@ -62,7 +64,9 @@ def make_data(root: Path, n: int = 12, size: int = 32, holdout: int = 8, seed: i
     from magicseg.generate.base import PromptRecord
     from magicseg.generate.procedural import ProceduralGenerator
 
-    vocab = build_vocabulary("procedural", holdout=holdout, seed=seed)
+    vocab = build_vocabulary(
+        "procedural", holdout_combination=holdout, holdout_novel_words=novel_words, seed=seed
+    )
     write_manifest(root / "vocabulary", vocab.to_frame())
     gen = ProceduralGenerator(ProceduralGeneratorParams(), size, size)
     rows = []

@@ -17,7 +17,7 @@ def make_dataset(
 ):
     """Write vocabulary/prompts/generate/label dirs under ``root``; return (vocab, params)."""
     p = Params()
-    vocab = build_vocabulary("procedural", holdout=8, seed=seed)
+    vocab = build_vocabulary("procedural", holdout_combination=8, seed=seed)
     write_manifest(root / "vocabulary", vocab.to_frame())
     prompts = p.prompts.model_copy(update={"requests": requests, "per_request": per_request})
     run_prompts(vocab, prompts, seed, root / "prompts")

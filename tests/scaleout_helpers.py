@@ -29,7 +29,7 @@ def make_inputs(root: Path, requests: int = 6, per_request: int = 2, **generate)
             "generate": base.generate.model_copy(update=generate),
         }
     )
-    vocab = build_vocabulary("procedural", holdout=8, seed=p.seed)
+    vocab = build_vocabulary("procedural", holdout_combination=8, seed=p.seed)
     write_manifest(root / "vocabulary", vocab.to_frame())
     run_prompts(vocab, p.prompts, p.seed, root / "prompts")
     (root / "params.yaml").write_text(yaml.safe_dump(params_to_dict(p), sort_keys=False))

@@ -25,6 +25,7 @@ from tests.scaleout_helpers import ROOT, digest, make_inputs, run_stage
 
 from magicseg.batching import batched_with_oom_retry
 from magicseg.core import io as mio
+from magicseg.core.catalogue import CATALOGUE
 from magicseg.core.config import (
     FilterParams,
     GenerateParams,
@@ -40,7 +41,7 @@ from magicseg.label import LABELERS, run_label
 from magicseg.label.base import LabelResult
 from magicseg.samplecache import SampleCache, iter_keys
 
-N = 48
+N = len(CATALOGUE)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,11 @@ def _lab(tmp: Path, gen: str = "generate") -> Callable[[], object]:
 
 def _vocab_file(tmp: Path, text: str) -> Callable[[], object]:
     (tmp / "classes.txt").write_text(text)
-    _params(tmp, "vocabulary", {"source": "file", "file": str(tmp / "classes.txt"), "holdout": 0})
+    _params(
+        tmp,
+        "vocabulary",
+        {"source": "file", "file": str(tmp / "classes.txt"), "holdout_combination": 0},
+    )
     return lambda: vocabulary_stage.main(out=tmp / "vocab_out", params_file=tmp / "params.yaml")
 
 
@@ -151,6 +156,11 @@ def vocabulary_file_missing(t):
     return lambda: vocabulary_stage.main(out=t / "v", params_file=t / "params.yaml")
 
 
+def vocabulary_holdout_too_many(t):
+    _params(t, "vocabulary", {"source": "voc", "holdout_combination": 3, "holdout_novel_words": 0})
+    return lambda: vocabulary_stage.main(out=t / "v", params_file=t / "params.yaml")
+
+
 def prompt_without_its_class(t):
     def edit(f):
         f.loc[2, "prompt"] = "An empty beach at dawn"
@@ -163,7 +173,7 @@ def prompt_without_its_class(t):
 def prompt_class_outside_vocabulary(t):
     def edit(f):
         i = next(i for i, ids in enumerate(f["class_ids"]) if len(ids) == 1)
-        f.at[i, "class_ids"] = [99]
+        f.at[i, "class_ids"] = [999]
         return f
 
     _edit_prompts(t, edit)
@@ -252,8 +262,9 @@ FATAL = [
     (vocabulary_duplicate, "line 3: duplicate class name 'owl' (first on line 1)"),
     (vocabulary_odd_characters, "line 2: class name 'school\\tbus 💥' has characters"),
     (vocabulary_file_missing, "vocabulary.file: "),
+    (vocabulary_holdout_too_many, "vocabulary.holdout_combination: voc has only 0 classes"),
     (prompt_without_its_class, "does not mention its class"),
-    (prompt_class_outside_vocabulary, "class id 99 outside the vocabulary (1..48)"),
+    (prompt_class_outside_vocabulary, "class id 999 outside the vocabulary (1..252)"),
     (prompt_duplicate_id, "duplicate prompt id 'r000001-000'"),
     (input_manifest_missing, "empty/manifest.parquet: manifest not found"),
     (every_image_unreadable, "label: none of the 12 pairs"),

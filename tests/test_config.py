@@ -146,18 +146,26 @@ def test_renamed_key_is_one_line_naming_the_new_key(tmp_path, old):
     )
     assert proc.returncode == 2
     hint = " (checkpoint is now trained)" if old == "evaluate.model" else ""
-    assert proc.stderr.splitlines() == [
-        f"error: params.yaml: {old}: renamed to {RENAMED[old]}{hint}"
-    ]
+    new = RENAMED[old]
+    what = f"renamed to {new}" if isinstance(new, str) else f"replaced by {' and '.join(new)}"
+    assert proc.stderr.splitlines() == [f"error: params.yaml: {old}: {what}{hint}"]
     assert not (tmp_path / "v").exists()
 
 
 def test_renamed_keys_are_refused_and_new_keys_exist():
     new = {row.split("`")[1] for row in params_reference()}
     for old, renamed in RENAMED.items():
-        assert renamed in new and old not in new, old
+        renamed = (renamed,) if isinstance(renamed, str) else renamed
+        assert set(renamed) <= new and old not in new, old
     # an old key in a block that also has the new one is still refused
     with pytest.raises(
         ConfigError, match=r"^params.yaml: train.model: renamed to train.architecture$"
     ):
         parse_params({"train": {"architecture": "offline", "model": "offline"}})
+    # a key replaced by two: the line names both
+    with pytest.raises(
+        ConfigError,
+        match=r"^params.yaml: vocabulary.holdout: replaced by vocabulary.holdout_combination "
+        r"and vocabulary.holdout_novel_words$",
+    ):
+        parse_params({"vocabulary": {"holdout": 8}})

@@ -24,7 +24,7 @@ STAGES = {"vocabulary", "check", "prompts", "generate", "label", "filter", "trai
 DATA_STAGES = {"vocabulary", "prompts", "generate", "label", "filter"}
 
 MINI = {
-    "vocabulary": {"holdout": 4},
+    "vocabulary": {"holdout_combination": 4, "holdout_novel_words": 1},
     "prompts": {"requests": 6, "per_request": 4},
     "generate": {"height": 32, "width": 32},
     "train": {

@@ -15,6 +15,7 @@ from magicseg.core.io import read_image, read_json
 from magicseg.core.seeding import derive_seed
 from magicseg.core.vocabulary import build_vocabulary
 from magicseg.evaluation.procedural import make_test_records
+from magicseg.evaluation.report import summarise
 from magicseg.evaluation.stage import run_evaluate
 from magicseg.metrics import ConfusionMatrix
 from magicseg.model import build_model, save_checkpoint
@@ -50,14 +51,30 @@ def test_confusion_matrix_out_of_range_prediction_is_a_miss():
     assert cm.pixel_accuracy() == pytest.approx(0.5)
 
 
+def test_summary_reports_each_held_out_kind():
+    # classes 1, 2 seen; 3 a new combination; 4 and 5 with a novel word (5 absent from the test)
+    target = np.array([[1, 1, 2, 2], [3, 3, 4, 4]])
+    pred = np.array([[1, 1, 2, 0], [3, 0, 0, 0]])
+    cm = ConfusionMatrix(6, ignore_index=255)
+    cm.update(pred, target)
+    out = summarise(cm, range(1, 6), [1, 2], [3, 4, 5], {"combination": [3], "novel": [4, 5]})
+    assert out["miou_seen"] == pytest.approx((1 + 1 / 2) / 2, abs=1e-4)
+    assert out["miou_heldout_combination"] == 0.5 and out["miou_heldout_novel"] == 0.0
+    assert out["miou_heldout"] == pytest.approx(0.25)
+    # without kinds (vocabularies held out before kinds existed) the keys are None
+    bare = summarise(cm, range(1, 6), [1, 2], [3, 4, 5])
+    assert bare["miou_heldout_combination"] is None and bare["miou_heldout_novel"] is None
+
+
 def test_test_records_cover_every_class_with_fresh_seeds():
-    vocab = build_vocabulary("procedural", holdout=8, seed=0)
-    recs = make_test_records(vocab, 96, seed=0)
+    vocab = build_vocabulary("procedural", holdout_combination=8, holdout_novel_words=1, seed=0)
+    n = 2 * len(vocab)
+    recs = make_test_records(vocab, n, seed=0)
     firsts = [r.class_ids[0] for r in recs]
     assert sorted(set(firsts)) == list(range(1, len(vocab) + 1))
     assert all(firsts.count(c) == 2 for c in set(firsts))
     assert 0.15 < np.mean([len(r.class_ids) == 2 for r in recs]) < 0.45
-    assert [r.seed for r in recs] == [derive_seed(0, "evaluate.test_sample", i) for i in range(96)]
+    assert [r.seed for r in recs] == [derive_seed(0, "evaluate.test_sample", i) for i in range(n)]
     train_seeds = {
         derive_seed(0, "generate.sample", f"r{r:06d}-{k:03d}")
         for r in range(300)
@@ -65,7 +82,7 @@ def test_test_records_cover_every_class_with_fresh_seeds():
     }
     assert not train_seeds & {r.seed for r in recs}
     assert all(n in r.prompt.lower() for r in recs for n in r.class_names)
-    assert make_test_records(vocab, 96, seed=0) == recs
+    assert make_test_records(vocab, n, seed=0) == recs
 
 
 @pytest.fixture
@@ -85,7 +102,7 @@ def test_evaluate_writes_metrics_table_and_gallery(
     tmp_path, tiny_data, tiny_encoder, tiny_checkpoint
 ):
     vocab_dir, _, vocab = tiny_data
-    params = EvaluateParams(test_samples=24, batch_size=8, gallery_samples=3)
+    params = EvaluateParams(test_samples=64, batch_size=16, gallery_samples=3)
     out = run_evaluate(
         tiny_checkpoint,
         vocab_dir,
@@ -97,9 +114,11 @@ def test_evaluate_writes_metrics_table_and_gallery(
     )
     assert read_json(tmp_path / "eval.json") == out
     proc = out["procedural"]
-    assert proc["samples"] == 24
+    assert proc["samples"] == 64
     for key in ("miou", "miou_seen", "miou_heldout", "pixel_acc", "iou_background"):
         assert 0.0 <= proc[key] <= 1.0, key
+    for kind in ("combination", "novel"):  # None when no class of the kind is in the test
+        assert proc[f"miou_heldout_{kind}"] is None or 0 <= proc[f"miou_heldout_{kind}"] <= 1
     assert 0.0 <= proc["cf_fg_rate"] <= 1.0
     # all-background baseline: zero foreground IoU, pixel accuracy = background share
     bg = out["baselines"]["all_background"]
@@ -114,6 +133,9 @@ def test_evaluate_writes_metrics_table_and_gallery(
     assert splits == {"seen", "heldout"}
     held = {vocab.names[c - 1] for c in vocab.holdout}
     assert all((r["split"] == "heldout") == (r["class"] in held) for r in rows[1:])
+    kind = {vocab.names[c - 1]: vocab.holdout_kind(c) or "" for c in range(1, len(vocab) + 1)}
+    assert rows[0]["holdout_kind"] == ""
+    assert all(r["holdout_kind"] == kind[r["class"]] for r in rows[1:])
     gallery = read_image(tmp_path / "plots/gallery/procedural.png")
     assert gallery.shape[0] > 3 * 128 and gallery.shape[1] >= 5 * 128
 
@@ -121,7 +143,7 @@ def test_evaluate_writes_metrics_table_and_gallery(
 def test_evaluate_refuses_another_vocabulary(tmp_path, tiny_encoder, tiny_checkpoint):
     from magicseg.core.io import write_manifest
 
-    other = build_vocabulary("procedural", holdout=4, seed=3, limit=20)
+    other = build_vocabulary("procedural", holdout_combination=4, seed=3, limit=20)
     write_manifest(tmp_path / "vocab2", other.to_frame())
     with pytest.raises(DataError, match="another vocabulary"):
         run_evaluate(

@@ -1,10 +1,12 @@
 import hashlib
+from itertools import combinations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from tests.helpers import make_dataset
 
-from magicseg.core.catalogue import CATALOGUE
+from magicseg.core.catalogue import BY_NAME, CATALOGUE, COLOURS, SHAPES, min_colour_distance
 from magicseg.core.config import ProceduralGeneratorParams
 from magicseg.core.errors import DataError
 from magicseg.core.io import read_image, read_manifest, read_mask
@@ -22,10 +24,47 @@ def gen(drift=0.2, **kw):
 
 
 def test_catalogue_names_unique_and_shapes_draw():
-    assert len({c.name for c in CATALOGUE}) == len(CATALOGUE) == 48
-    for shape in {c.shape for c in CATALOGUE}:
-        m = shape_mask(shape, 64, 64, 32, 32, 12, 0.3)
-        assert 40 < m.sum() < 64 * 64 / 2, shape
+    assert len({c.name for c in CATALOGUE}) == len(CATALOGUE) == 252 < 255  # uint8 masks
+    for shape in SHAPES:
+        for r in (12, 6):  # default and "tiny" at 64 px
+            m = shape_mask(shape, 64, 64, 32, 32, r, 0.3)
+            assert 0.3 * np.pi * r**2 < m.sum() <= 1.1 * np.pi * r**2, (shape, r)
+            assert ndimage.label(m)[1] == 1, (shape, r)  # one piece
+
+
+def test_shapes_are_told_apart_at_64_px():
+    # the best IoU of two shapes over rotations and scales: no pair closer than ball and box
+    def best_iou(a, b, r):
+        ma = shape_mask(a, 64, 64, 32, 32, r, 0.0)
+        return max(
+            (ma & mb).sum() / (ma | mb).sum()
+            for th in np.linspace(-0.5, 0.5, 5)
+            for sc in (0.85, 1.0, 1.15)
+            for mb in [shape_mask(b, 64, 64, 32, 32, r * sc, th)]
+        )
+
+    ball_box = best_iou("ball", "box", 12)
+    worst = max((best_iou(a, b, 12), a, b) for a, b in combinations(SHAPES, 2))
+    assert worst[0] <= ball_box + 0.02, worst
+
+
+def test_colours_are_far_apart_and_patterns_darker():
+    distance, a, b = min_colour_distance()
+    assert distance > 90, (a, b)
+    striped = BY_NAME["striped teal box"]
+    assert striped.paints == (COLOURS["teal"], tuple(round(0.45 * x) for x in COLOURS["teal"]))
+    assert BY_NAME["teal box"].paints == (COLOURS["teal"],)
+
+
+def test_patterns_are_drawn():
+    def render(name):
+        return gen(drift=0.0).render(rec(f"a photo of a {name}", (name,)))
+
+    plain, striped, dotted = (render(n) for n in ("red box", "striped red box", "dotted red box"))
+    for pair in (plain, striped, dotted):
+        assert 0.02 < (pair.oracle_mask == 1).mean() < 0.5
+    dark = [(p.positive[p.oracle_mask == 1].sum(-1) < 200).mean() for p in (plain, striped, dotted)]
+    assert dark[0] < 0.02 and 0.3 < dark[1] < 0.7 and 0.1 < dark[2] < 0.45
 
 
 def test_pair_same_seed_same_bytes_and_object_only_in_positive():
@@ -58,6 +97,19 @@ def test_prompt_words_drive_the_scene():
     rich = gen().render(rec("A red kite in a crowded market street"))
     bgp, bgr = plain.positive[plain.oracle_mask == 0], rich.positive[rich.oracle_mask == 0]
     assert bgp.std(0).mean() < bgr.std(0).mean()  # plain background vs textured clutter
+
+
+def test_class_names_do_not_set_the_scene():
+    # "blue" is a lighting word of the grammar ("cool blue dusk light"), but in "blue heart"
+    # it is the object's colour: the scene is read from the prompt without the class names
+    blue = gen(drift=0.0).render(rec("A blue heart in a forest", ("blue heart",)))
+    red = gen(drift=0.0).render(rec("A red heart in a forest", ("red heart",)))
+    bg = (blue.oracle_mask == 0) & (red.oracle_mask == 0)
+    assert np.array_equal(blue.positive[bg], red.positive[bg])
+    dusk = gen(drift=0.0).render(
+        rec("A red heart in a forest, in cool blue dusk light", ("red heart",))
+    )
+    assert not np.array_equal(dusk.positive[bg], red.positive[bg])
 
 
 def test_unknown_class_refused_before_work():

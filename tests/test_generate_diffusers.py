@@ -353,7 +353,7 @@ def test_inpaint_mode_through_the_stage_cli(model_dir, tmp_path):
 
     recs = records(2)
     write_prompts(tmp_path / "prompts", recs)
-    vocab = build_vocabulary("procedural", holdout=0)
+    vocab = build_vocabulary("procedural")
     write_manifest(tmp_path / "vocabulary", vocab.to_frame())
     params = Params().model_copy(update={"generate": inpaint_params(model_dir)})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params)))

@@ -60,7 +60,7 @@ def _paper(tmp_path: Path, server: ChatServer | None = None, **sections) -> Para
     voc, _ = make_voc(tmp_path / "datasets")
     ctx, _ = make_context(tmp_path / "datasets")
     data = {
-        "vocabulary": {"source": "lvis", "holdout": 0},
+        "vocabulary": {"source": "lvis", "holdout_combination": 0, "holdout_novel_words": 0},
         "prompts": {
             "writer": "openai",
             "requests": 6015,

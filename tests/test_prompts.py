@@ -23,6 +23,13 @@ from magicseg.prompts.template import TemplateWriter
         ("cherries and a cherry", ["cherry"], "nothing and nothing"),
         ("An Owl. OWLS!", ["owl"], "nothing. nothing!"),
         ("a school bus-stop sign", ["bus"], "a school bus-stop sign"),
+        (
+            "A tiny striped red ball beside a dotted teal box",
+            ["striped red ball", "dotted teal box"],
+            "A tiny nothing beside nothing",
+        ),
+        ("a red ball near a striped red ball", ["striped red ball"], "a red ball near nothing"),
+        ("two dotted magenta boxes", ["dotted magenta box"], "nothing"),
     ],
 )
 def test_counterfactual_replaces_every_mention(text, names, expected):
@@ -52,25 +59,48 @@ def test_template_writer_rich_is_varied_and_mentions_classes():
     assert all(len(t.split()) > 15 for t in out)
 
 
+def test_every_catalogue_class_prompted_and_removed():
+    vocab = build_vocabulary("procedural")
+    w = TemplateWriter("rich")
+    outs = w.write([PromptRequest((n,), 3, seed=i) for i, n in enumerate(vocab.display)])
+    for name, texts in zip(vocab.display, outs, strict=True):
+        for text in texts:
+            cf = make_counterfactual(text, [name])
+            assert mentions(text, name) and not mentions(cf, name) and "nothing" in cf
+            # no word of the name is left behind ("striped" of "striped red ball")
+            assert not set(name.split()) & set(cf.lower().replace(",", " ").split()) - {
+                "red",  # scene phrases of the grammar: "cracked red rocks", "cool blue dusk"
+                "blue",
+            }, (name, cf)
+
+
 def test_template_writer_plain():
     [out] = TemplateWriter("plain").write([PromptRequest(("owl",), 3, seed=1)])
     assert out == ["a photo of an owl"] * 3
 
 
 def test_plan_requests_balanced_and_trainable_only():
-    vocab = build_vocabulary("procedural", holdout=8)
-    params = PromptsParams(requests=400, two_class_fraction=0.5)
-    plans = plan_requests(vocab, params, seed=0)
-    firsts = pd.Series([p[0] for p in plans]).value_counts()
-    assert firsts.min() == firsts.max() == 10  # 400 requests over 40 trainable classes
-    used = {i for p in plans for i in p}
-    assert used.isdisjoint(vocab.holdout)
-    assert all(len(set(p)) == len(p) for p in plans)
-    assert 0.4 < sum(len(p) == 2 for p in plans) / len(plans) < 0.6
+    vocab = build_vocabulary("procedural", holdout_combination=8, holdout_novel_words=2)
+    for requests in (150, 300, 437):
+        params = PromptsParams(requests=requests, two_class_fraction=0.5)
+        plans = plan_requests(vocab, params, seed=0)
+        uses = pd.Series([i for p in plans for i in p]).value_counts()
+        # every trainable class appears as often as any other, give or take one
+        assert uses.max() - uses.min() <= 1
+        assert len(uses) == min(len(vocab.trainable), uses.sum())
+        used = {i for p in plans for i in p}
+        assert used.isdisjoint(vocab.holdout)
+        assert all(len(set(p)) == len(p) for p in plans)
+        assert 0.4 < sum(len(p) == 2 for p in plans) / len(plans) < 0.6
+    # more requests keep the earlier ones
+    assert (
+        plan_requests(vocab, PromptsParams(requests=150), 0)
+        == plan_requests(vocab, PromptsParams(requests=300), 0)[:150]
+    )
 
 
 def test_run_prompts_manifest(tmp_path):
-    vocab = build_vocabulary("procedural", holdout=4)
+    vocab = build_vocabulary("procedural", holdout_combination=4)
     params = PromptsParams(requests=6, per_request=3)
     frame = run_prompts(vocab, params, 0, tmp_path / "p", tmp_path / "m.json")
     again = run_prompts(vocab, params, 0, tmp_path / "q")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from tests.scaleout_helpers import digest, env, make_inputs, stage_cmd
 
+from magicseg.core.catalogue import CATALOGUE
 from magicseg.core.config import LabelParams
 from magicseg.core.errors import DataError
 from magicseg.core.io import read_manifest
@@ -24,7 +25,7 @@ from magicseg.generate.procedural import ProceduralGenerator
 from magicseg.label import run_label
 from magicseg.samplecache import SampleCache, iter_keys, materialise, remove_stale_temps
 
-N_CLASSES = 48
+N_CLASSES = len(CATALOGUE)
 
 
 def _reference(root: Path, p) -> None:

@@ -16,8 +16,9 @@ import numpy as np
 
 STREAMS: dict[str, str] = {
     "vocabulary.holdout": "which classes are held out of training",
-    "prompts.plan": "the order in which requests cycle over the trainable classes",
-    "prompts.second_class": "per request: whether it gets a second class, and which",
+    "prompts.plan": "the order that breaks ties between equally used classes in the plan",
+    "prompts.second_class": "per request: whether it gets a second class, and the tie-break "
+    "among the least used ones",
     "prompts.request": "per request: the writer's seed (template choices, LLM sampling)",
     "generate.sample": "per prompt: the pair's seed (the positive and its counterfactual share "
     "it); written by prompts into the manifest, drawn from by generate",

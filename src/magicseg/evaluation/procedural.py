@@ -10,9 +10,11 @@ sampling at test time).
 
 Reported (``{"procedural": {...}, "baselines": {...}}``): the summary of
 :func:`magicseg.evaluation.report.summarise` over the foreground classes, split into seen and
-held-out classes; ``cf_fg_rate``, the share of the counterfactual images' pixels predicted as
-any class (the objects were removed there, so ideally 0); ``samples``; and the same summary for
-two trivial baselines, ``all_background`` and ``most_frequent`` (every pixel the test set's
+held-out classes, and the held-out ones by kind (``miou_heldout_combination``: new
+combinations of seen words; ``miou_heldout_novel``: a word no training class has);
+``cf_fg_rate``, the share of the counterfactual images' pixels predicted as any class (the
+objects were removed there, so ideally 0); ``samples``; and the same summary for two trivial
+baselines, ``all_background`` and ``most_frequent`` (every pixel the test set's
 most frequent foreground class: a constant predictor that knows the test distribution).
 """
 
@@ -27,7 +29,7 @@ from tqdm import tqdm
 from magicseg.core.config import ProceduralGeneratorParams
 from magicseg.core.io import ignore_index
 from magicseg.core.seeding import derive_seed, rng
-from magicseg.core.vocabulary import Vocabulary
+from magicseg.core.vocabulary import HOLDOUT_KINDS, Vocabulary
 from magicseg.evaluation.report import summarise, write_per_class
 from magicseg.evaluation.segmenters import Segmenter
 from magicseg.generate.base import PromptRecord
@@ -129,6 +131,7 @@ def score_test_set(
     k = len(vocab)
     ignore = ignore_index(k)
     fg, seen, heldout = range(1, k + 1), vocab.trainable, sorted(vocab.holdout)
+    kinds = {kind: vocab.heldout_of_kind(kind) for kind in HOLDOUT_KINDS}
     cm = ConfusionMatrix(k + 1, ignore)
     cm.update(pred, test.masks)
     counts = np.bincount(test.masks[test.masks != ignore].ravel(), minlength=k + 1)
@@ -137,16 +140,17 @@ def score_test_set(
     for name, constant in (("all_background", 0), ("most_frequent", frequent)):
         b = ConfusionMatrix(k + 1, ignore)
         b.update(np.full_like(test.masks, constant), test.masks)
-        baselines[name] = summarise(b, fg, seen, heldout)
+        baselines[name] = summarise(b, fg, seen, heldout, kinds)
     baselines["most_frequent"]["class"] = vocab.names[frequent - 1]
-    procedural = summarise(cm, fg, seen, heldout) | {
+    procedural = summarise(cm, fg, seen, heldout, kinds) | {
         "cf_fg_rate": round(float((cf_pred > 0).mean()), 4),
         "samples": int(len(test.records)),
     }
 
     # 3. Per-class IoU and the gallery.
     if per_class_path is not None:
-        write_per_class(per_class_path, cm, vocab.names, range(k + 1), vocab.holdout)
+        by_class = {c: kind for kind, ids in kinds.items() for c in ids}
+        write_per_class(per_class_path, cm, vocab.names, range(k + 1), vocab.holdout, by_class)
     if gallery_path is not None and gallery_samples:
         write_test_gallery(gallery_path, test, pred, cf_pred, vocab, gallery_samples)
     return {"procedural": procedural, "baselines": baselines}

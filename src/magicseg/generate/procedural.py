@@ -21,6 +21,7 @@ from magicseg.core.catalogue import BY_NAME, Category
 from magicseg.core.config import ProceduralGeneratorParams
 from magicseg.core.errors import DataError
 from magicseg.generate.base import Pair, PromptRecord
+from magicseg.prompts.counterfactual import make_counterfactual
 
 # scene style: (colour A, colour B, texture)
 STYLES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], str]] = {
@@ -116,7 +117,6 @@ CLUTTER_COLOURS = np.array(
     ],
     dtype=np.float32,
 )
-STRIPE_RGB = np.array((236, 236, 230), dtype=np.float32)
 
 
 @dataclass
@@ -156,28 +156,90 @@ def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 def shape_mask(
     shape: str, h: int, w: int, cy: float, cx: float, r: float, theta: float
 ) -> np.ndarray:
-    """Boolean HxW mask of a catalogue shape centred at (cy, cx) with radius ``r`` pixels."""
+    """Boolean HxW mask of a catalogue shape centred at (cy, cx) with radius ``r`` pixels,
+    rotated by ``theta`` radians. Every shape fits in about the disc of radius ``r``; narrow
+    parts (ring, frame, bone, arrow shaft, bowtie knot) are at least 0.35 r wide, so they
+    survive the labeler's opening at the default 64 px (where r is about 6 to 16 px)."""
     yy, xx = _grid(h, w)
     dy, dx = yy - cy, xx - cx
     c, s = np.cos(theta), np.sin(theta)
-    u, v = c * dx + s * dy, -s * dx + c * dy
-    dist = np.hypot(dx, dy)
-    if shape == "ball":
-        return dist <= r
-    if shape == "box":
-        return (np.abs(u) <= 0.82 * r) & (np.abs(v) <= 0.82 * r)
-    if shape == "kite":
-        return np.abs(u) / (0.62 * r) + np.abs(v) / r <= 1.0
-    if shape == "star":
-        phi = np.arctan2(v, u)
-        return dist <= r * (0.5 + 0.5 * np.abs(np.cos(2.5 * phi)))
-    if shape == "ring":
-        return (dist <= r) & (dist >= 0.55 * r)
-    if shape == "tent":
-        top, bottom = -0.85 * r, 0.85 * r
-        half = (v - top) / (bottom - top) * r
-        return (v >= top) & (v <= bottom) & (np.abs(u) <= half)
-    raise ValueError(f"unknown shape {shape!r}")
+    u, v = (c * dx + s * dy) / r, (-s * dx + c * dy) / r  # unit coordinates, v points down
+    try:
+        return _SHAPES[shape](u, v)
+    except KeyError:
+        raise ValueError(f"unknown shape {shape!r}") from None
+
+
+def _disc(u: np.ndarray, v: np.ndarray, cu: float, cv: float, rad: float) -> np.ndarray:
+    return (u - cu) ** 2 + (v - cv) ** 2 <= rad**2
+
+
+def _heart(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    x, y = 1.2 * u, -1.2 * v + 0.25
+    return (x**2 + y**2 - 1) ** 3 - x**2 * y**3 <= 0
+
+
+def _arrow(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    head = (u >= 0.05) & (u <= 0.95) & (np.abs(v) <= 0.95 * (0.95 - u))
+    shaft = (u >= -0.95) & (u < 0.05) & (np.abs(v) <= 0.26)
+    return head | shaft
+
+
+def _drop(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    bulb = _disc(u, v, 0, 0.35, 0.6)
+    tip = (v >= -0.95) & (v <= 0.35) & (np.abs(u) <= 0.6 * (v + 0.95) / 1.3)
+    return bulb | tip
+
+
+def _cloud(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    base = (np.abs(u) <= 0.72) & (v >= 0.05) & (v <= 0.6)
+    return (
+        base
+        | _disc(u, v, -0.58, 0.25, 0.35)
+        | _disc(u, v, 0.58, 0.25, 0.35)
+        | _disc(u, v, -0.2, -0.12, 0.5)
+        | _disc(u, v, 0.32, -0.02, 0.42)
+    )
+
+
+def _shield(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    upper = (v >= -0.85) & (v <= -0.05) & (np.abs(u) <= 0.72)
+    lower = (v > -0.05) & (v <= 0.95) & (np.abs(u) <= 0.72 * np.sqrt(np.clip(0.95 - v, 0, 1)))
+    return upper | lower
+
+
+def _bone(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    bar = (np.abs(u) <= 0.62) & (np.abs(v) <= 0.2)
+    knobs = [_disc(u, v, su * 0.68, sv * 0.2, 0.26) for su in (-1, 1) for sv in (-1, 1)]
+    return bar | knobs[0] | knobs[1] | knobs[2] | knobs[3]
+
+
+_SHAPES = {
+    "ball": lambda u, v: u**2 + v**2 <= 1,
+    "box": lambda u, v: (np.abs(u) <= 0.82) & (np.abs(v) <= 0.82),
+    "kite": lambda u, v: np.abs(u) / 0.66 + np.abs(v) <= 1.0,
+    "star": lambda u, v: np.hypot(u, v) <= 0.5 + 0.5 * np.abs(np.cos(2.5 * np.arctan2(v, u))),
+    "ring": lambda u, v: (u**2 + v**2 <= 1) & (u**2 + v**2 >= 0.55**2),
+    "tent": lambda u, v: (v >= -0.85) & (v <= 0.85) & (np.abs(u) <= (v + 0.85) / 1.7),
+    "heart": _heart,
+    "arrow": _arrow,
+    "crescent": lambda u, v: (u**2 + v**2 <= 1) & ~_disc(u, v, 0.45, -0.15, 0.8),
+    "cross": lambda u, v: (
+        ((np.abs(u) <= 0.32) & (np.abs(v) <= 0.92)) | ((np.abs(v) <= 0.32) & (np.abs(u) <= 0.92))
+    ),
+    "frame": lambda u, v: (
+        (np.maximum(np.abs(u), np.abs(v)) <= 0.82) & (np.maximum(np.abs(u), np.abs(v)) >= 0.46)
+    ),
+    "bowtie": lambda u, v: (
+        ((np.abs(u) <= 0.92) & (np.abs(v) <= 0.1 + 0.8 * np.abs(u)))
+        | ((np.abs(u) <= 0.22) & (np.abs(v) <= 0.3))
+    ),  # two wings and the knot
+    "drop": _drop,
+    "cloud": _cloud,
+    "shield": _shield,
+    "bone": _bone,
+    "dome": lambda u, v: (u**2 + (v - 0.4) ** 2 <= 1.0) & (v <= 0.4),
+}
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -223,13 +285,14 @@ def render_background(spec: SceneSpec, rng: np.random.Generator, h: int, w: int)
 
 
 def draw_clutter(img: np.ndarray, rng: np.random.Generator, count: int) -> list[dict]:
-    """Draw ``count`` unlabelled clutter objects (muted colours, non-catalogue shapes) into
-    ``img`` in place; returns their specs so the counterfactual can redraw them."""
+    """Draw ``count`` unlabelled clutter objects (muted colours; ellipses, bars, L-brackets and
+    blobs, none of them a catalogue shape) into ``img`` in place; returns their specs so the
+    counterfactual can redraw them."""
     h, w = img.shape[:2]
     specs = []
     for _ in range(count):
         spec = {
-            "kind": str(rng.choice(["ellipse", "bar", "cross", "blob"])),
+            "kind": str(rng.choice(["ellipse", "bar", "angle", "blob"])),
             "cy": float(rng.uniform(0, h)),
             "cx": float(rng.uniform(0, w)),
             "r": float(rng.uniform(0.05, 0.16) * min(h, w)),
@@ -254,9 +317,10 @@ def _paint_clutter(img: np.ndarray, spec: dict) -> None:
         m = (u / r) ** 2 + (v / (0.5 * r)) ** 2 <= 1
     elif kind == "bar":
         m = (np.abs(u) <= 1.6 * r) & (np.abs(v) <= 0.18 * r + 0.6)
-    elif kind == "cross":
-        m = ((np.abs(u) <= r) & (np.abs(v) <= 0.2 * r + 0.5)) | (
-            (np.abs(v) <= r) & (np.abs(u) <= 0.2 * r + 0.5)
+    elif kind == "angle":  # an L-shaped bracket (not a catalogue shape)
+        arm = 0.2 * r + 0.5
+        m = ((u >= -arm) & (u <= r) & (np.abs(v) <= arm)) | (
+            (v >= -arm) & (v <= r) & (np.abs(u) <= arm)
         )
     else:
         m = (u / r) ** 2 + (v / r) ** 2 <= 0.6
@@ -273,11 +337,15 @@ def paint_object(
     grad = rng.uniform(-0.12, 0.12)
     shade = 1 + grad * ((xx - w / 2) / w + (yy - h / 2) / h)
     fill = colour[None, None, :] * shade[..., None]
-    if cat.texture == "striped":
+    if cat.texture != "plain":  # bands or dots in a dark shade of the colour
         period = max(3.0, 0.08 * min(h, w))
-        band = (np.cos(theta) * xx + np.sin(theta) * yy) / period
-        stripes = (np.floor(band) % 2) == 0
-        fill[stripes] = STRIPE_RGB
+        a = (np.cos(theta) * xx + np.sin(theta) * yy) / period
+        b = (-np.sin(theta) * xx + np.cos(theta) * yy) / period
+        if cat.texture == "striped":  # bands as wide as the colour ones
+            marks = (np.floor(a) % 2) == 0
+        else:  # dotted: dots on a grid of two periods
+            marks = ((a / 2) % 1 - 0.5) ** 2 + ((b / 2) % 1 - 0.5) ** 2 <= 0.3**2
+        fill[marks] = np.array(cat.pattern_rgb, np.float32) * shade[marks][:, None]
     img[mask] = fill[mask]
 
 
@@ -317,7 +385,9 @@ class ProceduralGenerator:
         drift = self.params.drift if drift is None else drift
         h, w = self.height, self.width
         rng = np.random.default_rng(rec.seed)
-        spec = read_prompt(rec.prompt)
+        # the scene is read without the class names: a colour word ("blue heart") is the
+        # object's, not a lighting word
+        spec = read_prompt(make_counterfactual(rec.prompt, rec.class_names))
 
         # 1. Shared scene: background and clutter (same random stream for both images).
         bg = render_background(spec, rng, h, w)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from magicseg.core.catalogue import colour_of
+from magicseg.core.catalogue import paints_of
 from magicseg.core.config import DifferenceLabelerParams
 from magicseg.label.base import LabelInput, LabelResult
 
@@ -57,6 +57,11 @@ def difference_foreground(
     return fg
 
 
+SPLIT_SHARE = 0.2
+"""A component whose runner-up class has at least this share of its pixels is taken for
+touching objects of two classes and split pixel by pixel."""
+
+
 def assign_classes(
     fg: np.ndarray,
     positive: np.ndarray,
@@ -64,27 +69,87 @@ def assign_classes(
     class_names: Sequence[str],
     ignore: int,
 ) -> np.ndarray:
-    """Class-index mask from a foreground: one class takes it all; with several, each connected
-    component goes to the class whose name's colour word is nearest its mean colour; components
-    that no colour word decides are ``ignore``."""
+    """Class-index mask (HW int64) from a foreground (HW bool) and the positive (HWC uint8).
+
+    One class takes all the foreground. With several, each pixel is nearest in colour to one
+    class (each class has the colours its name gives: the colour word, and the pattern shade
+    of a striped or dotted catalogue class); each connected component goes to the class most
+    of its pixels are nearest to, unless the runner-up has ``SPLIT_SHARE`` of them (two
+    touching objects): then the component is split pixel by pixel, smoothed by a 3x3 majority.
+    Classes of the same colour word, or without one, cannot be told apart: ``ignore``.
+    """
+    # 1. One class, or classes that colour cannot tell apart.
     mask = np.zeros(fg.shape, np.int64)
     if len(class_ids) == 1:
         mask[fg] = class_ids[0]
         return mask
-    refs = [colour_of(n) for n in class_names]
-    if any(r is None for r in refs) or len({tuple(r) for r in refs}) < len(refs):
+    paints = [paints_of(n) or () for n in class_names]
+    main = [p[0] if p else None for p in paints]
+    if None in main or len(set(main)) < len(main):
         mask[fg] = ignore
         return mask
-    refs_arr = np.array(refs, np.float32)
+
+    # 2. Nearest class of every foreground pixel, under the scene's lighting (fitted).
+    refs = np.array([rgb for p in paints for rgb in p], np.float32)
+    owner = np.array([k for k, p in enumerate(paints) for _ in p])
+    nearest = np.full(fg.shape, -1, np.int64)
+    nearest[fg] = owner[_nearest_under_lighting(positive[fg].astype(np.float32), refs)]
+
+    # 3. Components: the majority class, or split when two classes touch.
+    ids = np.asarray(class_ids, np.int64)
     lab, n = ndimage.label(fg)
-    img = positive.astype(np.float32)
-    for comp in range(1, n + 1):
-        sel = lab == comp
-        # per-pixel votes (stripes and shading make the mean colour unreliable)
-        d = ((img[sel][:, None, :] - refs_arr[None]) ** 2).sum(-1)
-        votes = np.bincount(d.argmin(1), minlength=len(refs))
-        mask[sel] = class_ids[int(votes.argmax())]
+    for comp, box in enumerate(ndimage.find_objects(lab), start=1):
+        sel = lab[box] == comp
+        votes = np.bincount(nearest[box][sel], minlength=len(paints))
+        first, second = np.argsort(votes)[::-1][:2]
+        if votes[second] < SPLIT_SHARE * sel.sum():
+            mask[box][sel] = ids[first]
+            continue
+        mask[box][sel] = ids[_split(nearest[box], sel, len(paints))[sel]]
     return mask
+
+
+def _nearest_under_lighting(pixels: np.ndarray, refs: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """Index of the nearest reference colour of each pixel (Nx3 float) among ``refs`` (Mx3),
+    with the scene's lighting fitted: a per-channel gain and offset (tint, fog) that maps the
+    references onto the pixels nearest them, alternated with the assignment a few times. The
+    fit is pulled towards no change, so a sample that shows one colour keeps the plain rule."""
+    gain, offset = np.ones(3, np.float32), np.zeros(3, np.float32)
+    lam = 1000.0 * len(pixels)  # the prior's weight: a spread of about 32 levels per pixel
+    for _ in range(rounds):
+        seen = refs * gain + offset
+        near = ((pixels[:, None, :] - seen[None]) ** 2).sum(-1).argmin(1)
+        x = refs[near]
+        for c in range(3):
+            xc, yc = x[:, c], pixels[:, c]
+            xm, ym = xc.mean(), yc.mean()
+            var = ((xc - xm) ** 2).sum()
+            cov = ((xc - xm) * (yc - ym)).sum()
+            gain[c] = np.clip((cov + lam) / (var + lam), 0.5, 1.5)
+            offset[c] = ym - gain[c] * xm
+    seen = refs * gain + offset
+    return ((pixels[:, None, :] - seen[None]) ** 2).sum(-1).argmin(1)
+
+
+def _split(nearest: np.ndarray, sel: np.ndarray, k: int) -> np.ndarray:
+    """Per-pixel classes (0..k-1, HW) of one component ``sel`` from each pixel's nearest class
+    (``nearest``, HW): a 3x3 majority, then every piece of a class smaller than a tenth of that
+    class's pixels (boundary pixels, shading) given to the class that surrounds it most."""
+    onehot = np.stack([(nearest == c) & sel for c in range(k)]).astype(np.float32)
+    out = np.stack([ndimage.uniform_filter(o, 3) for o in onehot]).argmax(0)
+    for c in range(k):
+        pieces, n = ndimage.label((out == c) & sel)
+        if n < 2:
+            continue
+        sizes = ndimage.sum_labels(np.ones_like(pieces), pieces, np.arange(1, n + 1))
+        for piece in np.flatnonzero(sizes < 0.1 * sizes.sum()) + 1:
+            at = pieces == piece
+            ring = ndimage.binary_dilation(at) & ~at & sel
+            around = np.bincount(out[ring], minlength=k)
+            around[c] = 0
+            if around.any():
+                out[at] = around.argmax()
+    return out
 
 
 class DifferenceLabeler:

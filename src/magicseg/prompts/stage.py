@@ -49,18 +49,26 @@ def build_writer(params: PromptsParams, cache_dir: str | Path | None = None) -> 
 
 
 def plan_requests(vocab: Vocabulary, params: PromptsParams, seed: int) -> list[tuple[int, ...]]:
-    """Class ids of each request: a seeded cycle over the trainable classes gives each the
-    same share; a ``two_class_fraction`` of requests adds a second, different class."""
+    """Class ids of each request, balanced: every class appears in as many requests as any
+    other, give or take one. A request's first class is the least used so far (ties in a
+    seeded order); a ``two_class_fraction`` of requests add a second, different class, the
+    least used so far (ties at random). Each request depends only on the ones before it, so
+    more requests keep the earlier ones."""
     trainable = np.array(vocab.trainable)
-    perm = rng(seed, "prompts.plan").permutation(trainable)
+    order = rng(seed, "prompts.plan").permutation(len(trainable))
+    uses = np.zeros(len(trainable), np.int64)
     out: list[tuple[int, ...]] = []
     for r in range(params.requests):
         second = rng(seed, "prompts.second_class", r)
-        first = int(perm[r % len(perm)])
-        ids = [first]
+        first = int(np.lexsort((order, uses))[0])
+        uses[first] += 1
+        ids = [int(trainable[first])]
         if len(trainable) > 1 and second.random() < params.two_class_fraction:
-            others = trainable[trainable != first]
-            ids.append(int(second.choice(others)))
+            key = uses + second.random(len(uses))
+            key[first] = np.inf
+            other = int(key.argmin())
+            uses[other] += 1
+            ids.append(int(trainable[other]))
         out.append(tuple(ids))
     return out
 
