@@ -138,7 +138,8 @@ class Runner:
             self.model, params, lambda: torch.autocast("cpu", torch.bfloat16, enabled=bf16)
         )
         b = params.batch_size
-        items = D.TrainItems(index, D.BatchPlan(len(index), b, 0), vocab.trainable, params.num_sampled, params, 0
+        items = D.TrainItems(
+            index, D.BatchPlan(len(index), b, 0), vocab.trainable, params.num_sampled, params, 0
         )
         loader = D.loader(items, D.StepBatches(0, 10**6, b, 0, 1), params.num_workers, False)
         self.batches = iter(loader)
