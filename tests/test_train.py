@@ -442,10 +442,11 @@ def test_two_cpu_processes_match_one_for_the_offline_model(
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "h.json").read_text())
     assert two["metrics"]["processes"] == 2
-    # fp32: to float rounding; bf16 rounds each process's half of the batch on its own, and
-    # the optimiser turns those last-bit differences into small weight differences
+    # fp32: to float rounding; bf16 (8-bit mantissa: relative rounding 2**-8 = 0.4%) rounds each
+    # process's half of the batch on its own, and the optimiser turns those last-bit
+    # differences into small weight differences (measured: up to 0.2% on the third loss)
     bf16 = params.precision == "bf16"
-    np.testing.assert_allclose(two["history"], one, rtol=1e-3 if bf16 else 1e-5)
+    np.testing.assert_allclose(two["history"], one, rtol=5e-3 if bf16 else 1e-5)
     a = torch.load(tmp_path / "one/model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "two/model.pt", weights_only=True)["state_dict"]
     tol = {"rtol": 1e-2, "atol": 2e-3} if bf16 else {"rtol": 1e-4, "atol": 1e-5}
