@@ -17,7 +17,8 @@ import torch
 
 from magicseg.core.config import TrainParams
 from magicseg.model import build_model
-from magicseg.train import Batch, compute_loss, model_config
+from magicseg.model.base import Batch
+from magicseg.training.loop import model_config
 
 
 def make_batch(b: int, k: int, size: int, text_dim: int) -> Batch:
@@ -40,7 +41,7 @@ def time_steps(params: TrainParams, batch: Batch, steps: int) -> tuple[float, fl
     for i in range(steps + 2):  # 2 warm-up steps (oneDNN primitive creation)
         if i == 2:
             wall, cpu = time.perf_counter(), time.process_time()
-        loss, _ = compute_loss(model, batch, params)
+        loss, _ = model.compute_loss(batch, params)
         opt.zero_grad()
         loss.backward()
         opt.step()

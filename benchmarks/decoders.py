@@ -73,12 +73,8 @@ def main() -> None:
                     "cf_loss": "hinge_head",
                     "lr": 2e-5,
                     "weight_decay": 0.01,
-                    "clip": {
-                        "checkpoint": str(src),
-                        "decoder_dim": args.text_dim,
-                        "crop": cfg["size"],
-                        **clip,
-                    },
+                    "crop": cfg["size"],
+                    "clip": {"checkpoint": str(src), "decoder_dim": args.text_dim, **clip},
                 }
             )
             w, c, g = time_steps(params, batch, args.steps, device)

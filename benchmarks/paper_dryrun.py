@@ -12,7 +12,7 @@ code paths at the paper's sizes:
    the labeler builds them, SAM at 1024, the counterfactual check as the profile says);
 3. train: one or more steps of the clip segmenter through the training code (category
    sampling of 100 of the 1203 classes, augmentation, crop 512, loss with the counterfactual
-   term, backward, AdamW step; bf16 autocast on CUDA, as ``magicseg.trainer.fit`` runs).
+   term, backward, AdamW step; bf16 autocast on CUDA, as ``magicseg.training.loop.train`` runs).
 
 Per stage it prints build seconds, run seconds (CUDA synchronised), peak memory (CUDA
 ``max_memory_allocated``; process peak RSS), parameter counts, and extrapolates to the paper's
@@ -629,6 +629,22 @@ def run_label_stage(args, arch, params, records, pairs, tokenizer, vocab, device
     return stage, results
 
 
+class _MemoryIndex:
+    """The dry run's labelled pairs as a training index (what :class:`magicseg.training.data.
+    TrainItems` reads: ``ids``, ``class_ids``, ``num_classes``, ``read(i)``), in memory."""
+
+    def __init__(self, ids, samples, class_ids, num_classes: int) -> None:
+        self.ids, self.samples, self.class_ids = ids, samples, class_ids
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, i: int):
+        image, cf, mask = self.samples[i]
+        return image, cf, mask.copy()
+
+
 def run_train_stage(args, arch, params, records, pairs, results, tokenizer, vocab, device, tmp):
     """Train steps of the clip segmenter with the training loop's own pieces."""
     import numpy as np
@@ -638,30 +654,36 @@ def run_train_stage(args, arch, params, records, pairs, results, tokenizer, voca
     from magicseg.core.io import ignore_index
     from magicseg.core.seeding import derive_seed
     from magicseg.model import build_model, build_text_encoder, text_encoder_name
-    from magicseg.train import IGNORE, BatchSampler, PairData, model_config
-    from magicseg.trainer import _LossModule, augment, make_optimizer, poly_lambda, warmup_steps
+    from magicseg.model.losses import IGNORE
+    from magicseg.training import data as D
+    from magicseg.training.loop import _LossModule, lr_factor, make_optimizer, model_config
 
     stage = Stage("train")
     tp = params.train
-    # 1. Data: the labelled pairs, repeated up to the batch (as the filter stage would keep them).
+    # 1. Data: the labelled pairs, repeated up to the batch (as the filter stage would keep
+    #    them), as a training index held in memory (the loop streams a manifest's files).
     reps = -(-tp.batch_size // len(pairs))
-    masks = []
-    for res in results:
-        m = res.mask.astype(np.int32)
-        m[m == ignore_index(len(vocab))] = IGNORE
-        masks.append(m)
-    data = PairData(
-        ids=[f"{r.id}-{k}" for k in range(reps) for r in records],
-        images=np.stack([p.positive for _ in range(reps) for p in pairs]),
-        cf_images=np.stack([p.counterfactual for _ in range(reps) for p in pairs]),
-        masks=np.stack([m for _ in range(reps) for m in masks]),
-        class_ids=[r.class_ids for _ in range(reps) for r in records],
+    ignore = ignore_index(len(vocab))
+    samples = []
+    for pair, res in zip(pairs, results, strict=True):
+        mask = res.mask.astype(np.int64)
+        mask[mask == ignore] = IGNORE
+        samples.append((pair.positive, pair.counterfactual, mask))
+    index = _MemoryIndex(
+        ids=tuple(f"{r.id}-{k}" for k in range(reps) for r in records),
+        samples=samples * reps,
+        class_ids=tuple(tuple(r.class_ids) for _ in range(reps) for r in records),
+        num_classes=len(vocab),
     )
-    # 2. Model, text encoder and optimiser, as magicseg.trainer.fit builds them.
+    batch_size = min(tp.batch_size, len(index))
+    # 2. Model, text encoder and optimiser, as magicseg.training.loop.train builds them.
+    bf16 = tp.precision == "bf16" or (tp.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
     with timed(stage, "build", device):
-        acc = Accelerator(
-            cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
-        )
+        acc = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
         write_clip(arch, tokenizer, tmp / "clip")
         cfg = model_config(tp)
         encoder = build_text_encoder(text_encoder_name(tp.architecture, cfg), cfg)
@@ -669,8 +691,8 @@ def run_train_stage(args, arch, params, records, pairs, results, tokenizer, voca
         model = build_model(tp.architecture, cfg, encoder.dim)
         model.train()
         opt = make_optimizer(model, tp)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(tp.steps, warmup_steps(tp)))
-        wrapped = acc.prepare(_LossModule(model, tp))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(tp))
+        wrapped = acc.prepare(_LossModule(model, tp, autocast))
     stage.params = {
         "clip_vision": count(model.encoder.vision),
         "clip_text": count(encoder.model),
@@ -680,13 +702,13 @@ def run_train_stage(args, arch, params, records, pairs, results, tokenizer, voca
     # 3. Frozen text features of the whole vocabulary (once per run).
     with timed(stage, "text_features", device):
         features = encoder.encode(list(vocab.names)).float()
-    # 4. Steps: sample (100 of 1203 classes), augment (crop), loss, backward, AdamW.
-    sampler = BatchSampler(data, features, vocab.trainable, tp, params.seed)
-    gen = torch.Generator().manual_seed(derive_seed(params.seed, "train.augment"))
+    # 4. Steps: read, sample (100 of 1203 classes), augment (crop), loss, backward, AdamW.
+    plan = D.BatchPlan(len(index), batch_size, params.seed)
+    items = D.TrainItems(index, plan, vocab.trainable, tp.num_sampled, tp, params.seed)
     losses = []
-    for _ in range(args.train_steps):
+    for step in range(args.train_steps):
         with timed(stage, "step", device):
-            batch = augment(sampler.next(), tp.clip.crop, gen).to(acc.device)
+            batch = D.batch_at(items, step, features).to(acc.device)
             loss, parts = wrapped(batch)
             acc.backward(loss)
             opt.step()
@@ -696,16 +718,16 @@ def run_train_stage(args, arch, params, records, pairs, results, tokenizer, voca
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"train: non-finite loss {losses}")
     stage.facts = {
-        "batch": sampler.batch_size,
-        "crop": tp.clip.crop,
-        "sampled_classes": sampler.k,
+        "batch": batch_size,
+        "crop": tp.crop,
+        "sampled_classes": items.k,
         "vocabulary": len(vocab),
         "cf_loss": tp.cf_loss,
         "cf_weight": tp.cf_weight,
         "decoder": cfg.get("decoder", "query"),
         "templates": tp.clip.templates,
         "loss": [round(x, 4) for x in losses],
-        "precision": acc.mixed_precision,
+        "precision": "bf16" if bf16 else "fp32",
     }
     del wrapped, model, encoder, opt
     free(device)
@@ -809,7 +831,7 @@ def main(argv: list[str] | None = None) -> dict:
         overrides |= {
             "generate.height": arch["image"],
             "generate.width": arch["image"],
-            "train.clip.crop": arch["crop"],
+            "train.crop": arch["crop"],
             "train.clip.templates": "single",  # 1203 texts, not 15 x 1203: seconds, not a minute
             # the tiny CLIP's joint dim (the atm decoder works in it, use_proj=False)
             "train.clip.decoder_dim": arch["clip_projection"],

@@ -9,7 +9,7 @@ small CPU config; ``--full``: ViT-B/16 (768 wide, 12 layers) at 512 px, decoder 
 16.
 
 ``--model offline``: the default offline training step as the train stage runs it (the
-batch drawn by :class:`magicseg.train.BatchSampler`, category sampling and target remapping
+batch drawn by :class:`magicseg.training.data.TrainItems`, category sampling and target remapping
 included, then loss, backward and AdamW; U-Net and params of the default profile, 64 px,
 synthetic pairs) for each K of ``--ks`` (``all`` = every trainable class of the default
 vocabulary, the baseline).
@@ -34,8 +34,8 @@ import torch
 
 from magicseg.core.config import TrainParams
 from magicseg.model import build_model
-from magicseg.train import Batch, BatchSampler, compute_loss, model_config
-from magicseg.trainer import make_optimizer
+from magicseg.model.base import Batch
+from magicseg.training.loop import make_optimizer, model_config
 
 SMALL = {"hidden": 192, "layers": 4, "heads": 3, "size": 128, "decoder": 128, "batch": 4}
 FULL = {"hidden": 768, "layers": 12, "heads": 12, "size": 512, "decoder": 512, "batch": 16}
@@ -85,7 +85,7 @@ def time_steps(params: TrainParams, batch: Batch, steps: int, device: torch.devi
                 torch.cuda.synchronize()
             wall, cpu = time.perf_counter(), time.process_time()
         with autocast:
-            loss, _ = compute_loss(model, batch, params)
+            loss, _ = model.compute_loss(batch, params)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -98,10 +98,14 @@ def time_steps(params: TrainParams, batch: Batch, steps: int, device: torch.devi
 def offline_steps(ks: list[int], vocab_size: int, trainable: int, steps: int, rounds: int):
     """{K: (wall s/step, CPU s/step)} of the default offline training step (CPU) scoring K
     classes: the median over ``rounds`` rounds of ``steps`` steps, the Ks interleaved in each
-    round so that a change of load on a shared machine hits them all alike."""
+    round so that a change of load on a shared machine hits them all alike. The batch comes
+    from :class:`magicseg.training.data.TrainItems` (flip, category sampling, target remap) over
+    synthetic pairs held in memory, then the loss as the loop computes it (precision and
+    counterfactual share of the default), backward and AdamW."""
     import numpy as np
 
-    from magicseg.train import PairData
+    from magicseg.training import data as D
+    from magicseg.training.loop import _LossModule
 
     params = TrainParams()
     rng = np.random.default_rng(0)
@@ -110,45 +114,66 @@ def offline_steps(ks: list[int], vocab_size: int, trainable: int, steps: int, ro
         tuple(int(c) for c in rng.choice(trainable, 1 + (i % 3 == 0), replace=False) + 1)
         for i in range(n)
     ]
-    masks = np.zeros((n, size, size), np.int32)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    cfs = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    masks = np.zeros((n, size, size), np.int64)
     for i, ids in enumerate(own):
         for j, c in enumerate(ids):
             masks[i, 8 + 24 * j : 28 + 24 * j, 10:40] = c
-    data = PairData(
-        [f"s{i}" for i in range(n)],
-        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-        masks,
-        own,
-    )
+
+    class Memory:  # the PairIndex surface TrainItems reads, in memory
+        ids = tuple(f"s{i}" for i in range(n))
+        class_ids = tuple(own)
+        num_classes = vocab_size
+
+        def __len__(self) -> int:
+            return n
+
+        def read(self, i: int):
+            return images[i], cfs[i], masks[i].copy()
+
     g = torch.Generator().manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(vocab_size, 384, generator=g), dim=-1)
+    bf16 = params.precision == "bf16"
+    trainable_ids = list(range(1, trainable + 1))
 
-    def step(model, opt, sampler) -> None:
-        batch = sampler.next()  # as the train stage: channels_last on a CPU
-        batch.images = batch.images.contiguous(memory_format=torch.channels_last)
-        batch.cf_images = batch.cf_images.contiguous(memory_format=torch.channels_last)
-        loss, _ = compute_loss(model, batch, params)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    class Run:
+        def __init__(self, k: int) -> None:
+            torch.manual_seed(0)
+            model = build_model("offline", model_config(params), text.shape[1])
+            if params.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self.model = model.train()
+            self.opt = make_optimizer(self.model, params)
+            self.loss = _LossModule(
+                self.model, params, lambda: torch.autocast("cpu", torch.bfloat16, enabled=bf16)
+            )
+            plan = D.BatchPlan(n, params.batch_size, 0)
+            self.items = D.TrainItems(Memory(), plan, trainable_ids, k, params, 0)
+            self.i = 0
+
+        def step(self) -> None:
+            batch = D.batch_at(self.items, self.i, text)
+            self.i += 1
+            if params.channels_last:
+                batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+                batch.cf_images = batch.cf_images.contiguous(memory_format=torch.channels_last)
+            loss, _ = self.loss(batch)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
 
     runs = {}
     for k in ks:
-        torch.manual_seed(0)
-        model = build_model("offline", model_config(params), text.shape[1])
-        model = model.to(memory_format=torch.channels_last).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=params.lr)
-        k_params = params.model_copy(update={"num_sampled": k})
-        runs[k] = (model, opt, BatchSampler(data, text, range(1, trainable + 1), k_params, 0))
+        runs[k] = Run(k)
         for _ in range(2):  # warm-up
-            step(*runs[k])
+            runs[k].step()
     times: dict[int, list[tuple[float, float]]] = {k: [] for k in ks}
     for _ in range(rounds):
         for k in ks:
             wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(steps):
-                step(*runs[k])
+                runs[k].step()
             times[k].append(
                 ((time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps)
             )
@@ -224,11 +249,8 @@ def main() -> None:
                 "cf_loss": "hinge_head",
                 "lr": 2e-5,
                 "weight_decay": 0.01,
-                "clip": {
-                    "checkpoint": str(src),
-                    "decoder_dim": cfg["decoder"],
-                    "crop": cfg["size"],
-                },
+                "crop": cfg["size"],
+                "clip": {"checkpoint": str(src), "decoder_dim": cfg["decoder"]},
             }
         )
         print(

@@ -16,12 +16,15 @@ def main(
     out: Path = typer.Option(..., help="checkpoint directory"),
     metrics: Path = typer.Option(...),
     live: Path = typer.Option(..., help="dvclive directory (training curves)"),
+    state: Path | None = typer.Option(
+        None, help="resumable training states (kept across dvc repro); none: keep no state"
+    ),
     params_file: Path = Path("params.yaml"),
 ) -> None:
-    from magicseg.train import train
+    from magicseg.training.loop import train
 
     p = load_params(params_file)
-    result = train(data, vocab, p.train, p.seed, out, live)
+    result = train(data, vocab, p.train, p.seed, out, live, state)
     write_json(metrics, result)
     print(f"train: {result['steps']} steps, val mIoU {result['val_miou']}")
 

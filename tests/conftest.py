@@ -114,6 +114,8 @@ def tiny_train_params(**overrides):
         "val_every": 2,
         "val_fraction": 0.2,
         "num_threads": 1,
+        "precision": "fp32",
+        "cf_fraction": 1.0,
         "offline": {"width": 8, "depth": 2, "embed_dim": 16},
     }
     return TrainParams.model_validate(base | overrides)

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.clip_helpers import tiny_clip_params
+from tests.clip_helpers import first_batch, tiny_clip_params
 from tests.tiny_clip import tiny_clip_dir
 
 from magicseg.core.errors import ConfigError
 from magicseg.inference import predict
 from magicseg.model import build_model, build_text_encoder, load_checkpoint
 from magicseg.model.atm import seg_loss_plus
-from magicseg.train import IGNORE, BatchSampler, load_pairs, model_config, train
-from magicseg.trainer import fit
+from magicseg.model.losses import IGNORE
+from magicseg.training.loop import model_config, train
 
 ATM = {"decoder": "atm", "deep_supervision": False, "loss_stride": 1}
 
@@ -40,12 +40,6 @@ def _model(clip_dir, text_dim, **clip):
     params = tiny_clip_params(clip_dir, clip=ATM | clip)
     torch.manual_seed(0)
     return build_model("clip", model_config(params), text_dim), params
-
-
-def _sampler(tiny_data, encoder, params, seed=0):
-    _, filter_dir, vocab = tiny_data
-    data = load_pairs(filter_dir, vocab)
-    return BatchSampler(data, encoder.encode(list(vocab.names)), vocab.trainable, params, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +205,7 @@ def test_queries_come_from_the_relationship_descriptor(clip_dir, clip_text):
 def test_gradients_reach_only_prompts_and_decoder(tiny_data, clip_text, clip_dir):
     for style in ("plain", "zegclip"):
         model, params = _model(clip_dir, clip_text.dim, vpt_style=style)
-        batch = _sampler(tiny_data, clip_text, params).next()
+        batch = first_batch(tiny_data, clip_text, params)
         loss, parts = model.compute_loss(batch, params)
         loss.backward()
         assert parts["cf_loss"] > 0  # hinge_head on the CLS embeddings
@@ -304,7 +298,7 @@ def test_model_loss_is_the_criterion_on_the_attention_masks(tiny_data, clip_text
     model, params = _model(clip_dir, clip_text.dim, decoder_layers=3)
     params = tiny_clip_params(clip_dir, cf_weight=0.0, clip=ATM | {"decoder_layers": 3})
     model.eval()  # no dropout: the same masks in both passes
-    batch = _sampler(tiny_data, clip_text, params).next()
+    batch = first_batch(tiny_data, clip_text, params)
     loss, parts = model.compute_loss(batch, params)
     with torch.no_grad():
         out = model(batch.images, batch.features)
@@ -324,7 +318,7 @@ def test_model_loss_is_the_criterion_on_the_attention_masks(tiny_data, clip_text
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_data, clip_text, clip_dir, cf_loss):
     model, _ = _model(clip_dir, clip_text.dim)
     params = tiny_clip_params(clip_dir, batch_size=6, cf_loss=cf_loss, clip=ATM)
-    batch = _sampler(tiny_data, clip_text, params).next()
+    batch = first_batch(tiny_data, clip_text, params)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(10):
@@ -341,11 +335,10 @@ def test_train_stage_checkpoint_and_sliding_prediction(tmp_path, tiny_data, clip
     vocab_dir, filter_dir, vocab = tiny_data
     params = tiny_clip_params(clip_dir, steps=12, lr=2e-3, clip=ATM | {"vpt_style": "zegclip"})
     history: list[float] = []
-    m = fit(filter_dir, vocab_dir, params, 0, tmp_path / "fit", None, clip_text, history=history)
+    m2 = train(filter_dir, vocab_dir, params, 0, tmp_path / "stage", None, None, clip_text,
+               history=history)  # fmt: skip
     assert np.mean(history[-3:]) < 0.8 * np.mean(history[:3]), history
-    assert m["num_trained_params"] < m["num_params"]
-    # the train stage hands clip over to the same loop
-    m2 = train(filter_dir, vocab_dir, params, 0, tmp_path / "stage", None, clip_text)
+    assert m2["num_trained_params"] < m2["num_params"]
     assert m2["steps"] == 12 and 0.0 <= m2["val_miou"] <= 1.0
     # the checkpoint carries the decoder and rebuilds it: identical logits
     blob = torch.load(tmp_path / "stage/model.pt", weights_only=True)
@@ -417,7 +410,7 @@ def test_atm_fit_on_gpu_bf16(tmp_path, tiny_data, clip_text, clip_dir):
     clip = ATM | {"vpt_style": "zegclip"}
     params = tiny_clip_params(clip_dir, steps=3, device="cuda", clip=clip)
     history: list[float] = []
-    m = fit(filter_dir, vocab_dir, params, 0, tmp_path, None, clip_text, history=history)
+    m = train(filter_dir, vocab_dir, params, 0, tmp_path, None, None, clip_text, history=history)
     assert m["steps"] == 3 and all(np.isfinite(history))
     ckpt = load_checkpoint(tmp_path / "model.pt", text_encoder=clip_text)
     images = torch.rand(2, 3, 32, 32)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.clip_helpers import tiny_clip_params
+from tests.clip_helpers import first_batch, tiny_clip_params
 from tests.tiny_clip import tiny_clip_dir
 
 from magicseg.core.config import params_to_dict
@@ -24,8 +24,8 @@ from magicseg.core.errors import BackendError
 from magicseg.model import build_model, build_text_encoder, load_checkpoint
 from magicseg.model.clip import ZEGCLIP_TEMPLATES, clip_loss, focal_dice_loss
 from magicseg.model.losses import IGNORE, hinge_cos
-from magicseg.train import BatchSampler, load_pairs, model_config, train
-from magicseg.trainer import augment, fit, poly_lambda
+from magicseg.training.data import augment_item
+from magicseg.training.loop import STATE, model_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,13 +44,6 @@ def _model(clip_dir, text_dim, **clip):
     params = tiny_clip_params(clip_dir, clip=clip)
     torch.manual_seed(0)
     return build_model("clip", model_config(params), text_dim), params
-
-
-def _batch(tiny_data, encoder, params, seed=0):
-    _, filter_dir, vocab = tiny_data
-    data = load_pairs(filter_dir, vocab)
-    feats = encoder.encode(list(vocab.names))
-    return BatchSampler(data, feats, vocab.trainable, params, seed), data, feats
 
 
 def test_prompt_tokens_are_the_only_trainable_vision_parameters(clip_dir, clip_text):
@@ -104,9 +97,9 @@ def test_missing_model_is_a_backend_error(tmp_path):
 
 def test_sampled_classes_contain_own_and_no_duplicates(tiny_data, clip_text, clip_dir):
     params = tiny_clip_params(clip_dir, batch_size=8, num_sampled=6)
-    sampler, data, feats = _batch(tiny_data, clip_text, params)
-    for _ in range(5):
-        batch = sampler.next()
+    feats = clip_text.encode(list(tiny_data[2].names))
+    for step in range(5):
+        batch = first_batch(tiny_data, clip_text, params, step=step)
         assert batch.features.shape == (8, 6, clip_text.dim)
         for row, own in zip(batch.features, batch.own, strict=True):
             ids = [int((feats - f).abs().sum(1).argmin()) + 1 for f in row]
@@ -145,8 +138,7 @@ def test_counterfactual_loss_zero_orthogonal_positive_aligned(tiny_data, clip_te
     assert hinge_cos(a, torch.tensor([[0.0, 1.0, 0.0]])).item() == 0.0
     assert hinge_cos(a, 2 * a).item() == pytest.approx(1.0)
     model, params = _model(clip_dir, clip_text.dim)
-    sampler, _, _ = _batch(tiny_data, clip_text, params)
-    batch = sampler.next()
+    batch = first_batch(tiny_data, clip_text, params)
     batch.cf_images = batch.images.clone()  # identical CLS embeddings: aligned
     _, parts = clip_loss(model, batch, params)
     assert parts["cf_loss"] == pytest.approx(1.0, abs=1e-5)
@@ -172,8 +164,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_data, clip_text, clip_
     model, _ = _model(clip_dir, clip_text.dim)
     over = {"cf_weight": 0.0} if cf_loss == "none" else {"cf_loss": cf_loss}
     params = tiny_clip_params(clip_dir, batch_size=6, **over)
-    sampler, _, _ = _batch(tiny_data, clip_text, params)
-    batch = sampler.next()
+    batch = first_batch(tiny_data, clip_text, params)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(10):
@@ -186,46 +177,44 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_data, clip_text, clip_
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_poly_schedule_and_augment():
-    f = poly_lambda(100, 10)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5**0.9)
-    assert f(99) < 0.02
-    from magicseg.train import Batch
-
+def test_augment_same_geometry_and_colours_for_the_pair():
     g = torch.Generator().manual_seed(0)
-    img = torch.rand(3, 3, 20, 20)
-    target = torch.randint(0, 3, (3, 20, 20))
-    b = Batch(img, img.clone(), torch.zeros(3, 2, 4), target, torch.zeros(3, 2, dtype=bool))
-    outs = [augment(b, 24, g) for _ in range(4)]
-    for o in outs:
-        assert o.images.shape == (3, 3, 24, 24) and o.target.shape == (3, 24, 24)
-        assert torch.equal(o.images, o.cf_images)  # same geometry and colours for the pair
-        assert set(o.target.unique().tolist()) <= {IGNORE, 0, 1, 2}
-        assert 0.0 <= o.images.min() and o.images.max() <= 1.0
-    assert any((o.target == IGNORE).any() for o in outs)  # scale < 1.2 pads with ignore
-    again = augment(b, 24, torch.Generator().manual_seed(0))
-    assert torch.equal(again.images, outs[0].images)
+    img = torch.rand(3, 20, 20)
+    target = torch.randint(0, 3, (20, 20))
+    outs = [augment_item(img, img.clone(), target, 24, (0.5, 2.0), True, g) for _ in range(6)]
+    for a, cf, t in outs:
+        assert a.shape == (3, 24, 24) and t.shape == (24, 24)
+        assert torch.equal(a, cf)  # same geometry and colours for the pair
+        assert set(t.unique().tolist()) <= {IGNORE, 0, 1, 2}
+        assert 0.0 <= a.min() and a.max() <= 1.0
+    assert any((t == IGNORE).any() for _, _, t in outs)  # scale < 1.2 pads with ignore
+    again = augment_item(
+        img, img.clone(), target, 24, (0.5, 2.0), True, torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(again[0], outs[0][0])
 
 
 def test_resume_continues_identically_and_checkpoint_carries_config(
     tmp_path, tiny_data, clip_text, clip_dir
 ):
     vocab_dir, filter_dir, vocab = tiny_data
-    params = tiny_clip_params(clip_dir, steps=5)
+    params = tiny_clip_params(clip_dir, steps=5, checkpoint_every=1)
     full: list[float] = []
-    m = fit(filter_dir, vocab_dir, params, 0, tmp_path / "a", text_encoder=clip_text, history=full)
+    m = train(filter_dir, vocab_dir, params, 0, tmp_path / "a", text_encoder=clip_text,
+              history=full)  # fmt: skip
     parts: list[float] = []
-    fit(filter_dir, vocab_dir, params, 0, tmp_path / "b", None, clip_text, stop_at=2, history=parts)
+    state = tmp_path / "state"
+    train(filter_dir, vocab_dir, params, 0, tmp_path / "b", None, state, clip_text, stop_at=2,
+          history=parts)  # fmt: skip
     assert len(parts) == 2 and not (tmp_path / "b/model.pt").exists()
-    fit(filter_dir, vocab_dir, params, 0, tmp_path / "b", None, clip_text, history=parts)
+    train(filter_dir, vocab_dir, params, 0, tmp_path / "b", None, state, clip_text, history=parts)
     assert parts == full and len(full) == 5
     assert full[-1] < full[0] and m["num_trained_params"] < m["num_params"]
+    assert (tmp_path / "a/model.pt").read_bytes() == (tmp_path / "b/model.pt").read_bytes()
     a = torch.load(tmp_path / "a/model.pt", weights_only=True)
-    b = torch.load(tmp_path / "b/model.pt", weights_only=True)
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     # the checkpoint carries its model config and rebuilds through the real loading path
     assert a["model"] == "clip" and a["config"]["checkpoint"] == str(clip_dir)
+    assert a["config"]["resolution"] == 32 and a["image_size"] == [32, 32]  # train.crop
     ckpt = load_checkpoint(tmp_path / "a/model.pt", text_encoder=clip_text)
     images = torch.rand(1, 3, 32, 32)
     feats = clip_text.encode(list(vocab.names[:3]))
@@ -238,7 +227,7 @@ def test_resume_continues_identically_and_checkpoint_carries_config(
 def test_train_stage_with_model_clip(tmp_path, tiny_data, clip_text, clip_dir):
     vocab_dir, filter_dir, _ = tiny_data
     params = tiny_clip_params(clip_dir, steps=2, cf_loss="cf_background")
-    m = train(filter_dir, vocab_dir, params, 0, tmp_path, None, clip_text)
+    m = train(filter_dir, vocab_dir, params, 0, tmp_path, None, None, clip_text)
     assert m["steps"] == 2 and m["processes"] == 1 and 0.0 <= m["val_miou"] <= 1.0
     assert m["cf_loss"] > 0 and (tmp_path / "model.pt").is_file()
 
@@ -248,7 +237,7 @@ def test_two_cpu_processes_match_one(tmp_path, tiny_data, clip_text, clip_dir):
     vocab_dir, filter_dir, _ = tiny_data
     params = tiny_clip_params(clip_dir, steps=3, clip={"templates": "single"})
     one: list[float] = []
-    fit(filter_dir, vocab_dir, params, 0, tmp_path / "one", None, clip_text, history=one)
+    train(filter_dir, vocab_dir, params, 0, tmp_path / "one", None, None, clip_text, history=one)
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}", OMP_NUM_THREADS="1")
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
@@ -282,7 +271,7 @@ def test_fit_on_gpu_bf16(tmp_path, tiny_data, clip_text, clip_dir):
     vocab_dir, filter_dir, _ = tiny_data
     params = tiny_clip_params(clip_dir, steps=3, device="cuda")
     history: list[float] = []
-    m = fit(filter_dir, vocab_dir, params, 0, tmp_path, None, clip_text, history=history)
+    m = train(filter_dir, vocab_dir, params, 0, tmp_path, None, None, clip_text, history=history)
     assert m["steps"] == 3 and all(np.isfinite(history))
     assert (tmp_path / "model.pt").is_file()
 
@@ -323,13 +312,16 @@ class _Crash(list):
 
 def test_killed_run_resumes_from_the_periodic_state(tmp_path, tiny_data, clip_text, clip_dir):
     vocab_dir, filter_dir, _ = tiny_data
-    params = tiny_clip_params(clip_dir, steps=5)
+    params = tiny_clip_params(clip_dir, steps=5, checkpoint_every=2)
     full: list[float] = []
-    fit(filter_dir, vocab_dir, params, 0, tmp_path / "a", None, clip_text, history=full)
+    train(filter_dir, vocab_dir, params, 0, tmp_path / "a", None, None, clip_text, history=full)
     crash = _Crash(4)  # dies in step 4, after the state of step 2
+    state = tmp_path / "state"
     with pytest.raises(KeyboardInterrupt):
-        fit(filter_dir, vocab_dir, params, 0, tmp_path / "b", None, clip_text, 2, history=crash)
-    assert torch.load(tmp_path / "b/state.pt", weights_only=False)["step"] == 2
+        train(filter_dir, vocab_dir, params, 0, tmp_path / "b", None, state, clip_text,
+              history=crash)  # fmt: skip
+    (key,) = list(state.iterdir())
+    assert torch.load(key / STATE, weights_only=False)["step"] == 2
     rest: list[float] = []
-    fit(filter_dir, vocab_dir, params, 0, tmp_path / "b", None, clip_text, 2, history=rest)
+    train(filter_dir, vocab_dir, params, 0, tmp_path / "b", None, state, clip_text, history=rest)
     assert crash == full[:3] and rest == full[2:]

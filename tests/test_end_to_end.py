@@ -1,6 +1,7 @@
 """The whole DVC pipeline on a miniature copy of the project, built once per module: every
 stage runs, a no-op re-run, the team workflow through a DVC remote (push, fresh clone, pull:
-nothing to re-run, no metrics difference), and which stages a change marks as changed."""
+nothing to re-run, no metrics difference), which stages a change marks as changed, the same
+bytes from a re-training in a clean clone, and a SIGKILLed `dvc repro train` that resumes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,7 +166,7 @@ def test_editing_the_core_marks_every_stage(project):
 @pytest.mark.parametrize(
     "edited, expected",
     [
-        ("src/magicseg/trainer.py", {"train"}),
+        ("src/magicseg/training/loop.py", {"train"}),
         ("src/magicseg/model/offline.py", {"train", "evaluate"}),
         ("src/magicseg/prompts/openai_writer.py", {"prompts", "check"}),  # the LLM probe
         ("src/magicseg/evaluation/datasets/pascal.py", {"check", "evaluate"}),  # the layouts
@@ -178,7 +181,7 @@ def test_editing_a_module_marks_only_the_stages_that_run_it(project, edited, exp
     finally:
         path.write_text(original)
     assert changed == expected
-    if edited == "src/magicseg/trainer.py":
+    if edited == "src/magicseg/training/loop.py":
         assert not changed & DATA_STAGES
 
 
@@ -196,3 +199,59 @@ def test_a_label_param_reruns_label_and_what_reads_its_output(project, tmp_path)
     assert (clone / "data/check/report.json").read_text() == (
         project.root / "data/check/report.json"
     ).read_text()
+
+
+@pytest.mark.slow
+def test_a_clean_clone_retrains_to_the_same_bytes(project, tmp_path):
+    """Training again from scratch in a fresh clone (no training state there) gives the
+    committed model.pt, metrics and curves: git sees no change, evaluate nothing to re-run."""
+    clone = _clone(project, tmp_path / "clone")
+    assert not (clone / ".cache/magicseg/train").exists()
+    ran = _ran(_run(DVC + ["repro", "--force", "--single-item", "train"], clone))
+    assert ran == {"train"}
+    assert _run(["git", "status", "--porcelain"], clone).strip() == ""
+    assert _changed(clone) == set()
+
+
+def _env(cwd: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(cwd / "src")
+    return env
+
+
+@pytest.mark.slow
+def test_killed_dvc_repro_train_resumes_to_the_same_model_bytes(project, tmp_path):
+    """SIGKILL of `dvc repro train` (the whole process group) once the first training state
+    is written, then `dvc repro train` again: it resumes from that state (DVC deleted the
+    stage's outputs, not .cache) and ends with the bytes of an uninterrupted run."""
+    clones = {}
+    for name in ("whole", "killed"):
+        clone = _clone(project, tmp_path / name)
+        params = yaml.safe_load((clone / "params.yaml").read_text())
+        params["train"].update(steps=200, checkpoint_every=5, val_every=50, log_every=10)
+        (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        clones[name] = clone
+    _run(DVC + ["repro", "train"], clones["whole"])
+
+    # 1. Start, wait for the first state, kill dvc and the stage with it.
+    killed = clones["killed"]
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(
+        DVC + ["repro", "train"], cwd=killed, env=_env(killed), stdout=log, stderr=log,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list((killed / ".cache/magicseg/train").glob("*/state.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no state before the end"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "models/model.pt").exists()
+
+    # 2. Again: resumed, and the same bytes as the uninterrupted run.
+    out = _run(DVC + ["repro", "train"], killed)
+    assert "resuming at step" in out
+    for rel in ("models/model.pt", "metrics/train.json", "dvclive/train/metrics.json",
+                "dvclive/train/plots/metrics/train/loss.tsv"):  # fmt: skip
+        assert (killed / rel).read_bytes() == (clones["whole"] / rel).read_bytes(), rel

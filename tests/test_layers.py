@@ -76,14 +76,13 @@ def test_stage_deps_name_only_what_the_stage_runs(stage):
 
 
 FORBIDDEN = {
-    "data": ("magicseg.model", "magicseg.train", "magicseg.trainer", "magicseg.evaluation"),
+    "data": ("magicseg.model", "magicseg.training", "magicseg.evaluation"),
     "train": ("magicseg.generate", "magicseg.label", "magicseg.prompts", "magicseg.evaluation"),
     # the pre-flight reads the backends' source checks and the datasets' layouts, no model,
     # training or scoring code
     "check": (
         "magicseg.model",
-        "magicseg.train",
-        "magicseg.trainer",
+        "magicseg.training",
         "magicseg.inference",
         "magicseg.evaluation.stage",
         "magicseg.evaluation.real",
@@ -138,11 +137,6 @@ def test_package_root_and_core_reach_no_model_or_training_code(tmp_path):
     assert edges("magicseg.core") == set()  # core/__init__ imports nothing
 
 
-# The one import circle left: train <-> trainer, which issue 13 merges into one loop. Delete
-# this exception with it.
-ALLOWED_CIRCLES = [{"magicseg.train", "magicseg.trainer"}]
-
-
 def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index: dict[str, int] = {}
@@ -178,17 +172,18 @@ def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
     return out
 
 
-def test_no_import_circles_but_the_one_issue_13_removes():
+def test_no_import_circles():
     graph = {m: edges(m) for m in _modules()}
     assert _circles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [{"a", "b"}]  # the detector works
-    circles = _circles(graph)
-    assert [c for c in circles if c not in ALLOWED_CIRCLES] == []
+    assert _circles(graph) == []
 
 
 def test_model_code_imports_no_training_or_evaluation_code():
     for m in _modules():
         if m.startswith("magicseg.model"):
-            bad = {e for e in edges(m) if e.startswith(("magicseg.train", "magicseg.evaluation"))}
+            bad = {
+                e for e in edges(m) if e.startswith(("magicseg.training", "magicseg.evaluation"))
+            }
             assert not bad, (m, bad)
 
 

@@ -88,6 +88,8 @@ def _paper(tmp_path: Path, server: ChatServer | None = None, **sections) -> Para
             "architecture": "clip",
             "steps": 20000,
             "batch_size": 16,
+            "crop": 512,
+            "cf_fraction": 1.0,
             "device": "cpu",
             "clip": {"checkpoint": str(m["clip"])},
         },  # fmt: skip

@@ -299,12 +299,14 @@ def clip_step_flops(p: Params, shape: VitShape) -> float:
     """FLOPs of one ``train.architecture: clip`` step, the vision tower only (the decoder is
     small beside it): per image ``layers x (2N(4D^2 + 2DI) + 4N^2 D)`` for N tokens (patches of
     the crop, CLS, visual prompts), x3 for the backward through the frozen tower to the deep
-    prompts, x2 when the counterfactual also goes through it (``cf_weight > 0``)."""
+    prompts, x(1 + ``cf_fraction``) when counterfactuals also go through it (``cf_weight >
+    0``). The crop is ``train.crop`` (the generated size without one)."""
     c = p.train.clip
-    n = (c.crop // shape.patch) ** 2 + 1 + c.vpt_tokens
+    side = p.train.crop or max(p.generate.height, p.generate.width)
+    n = (side // shape.patch) ** 2 + 1 + c.vpt_tokens
     d, i = shape.hidden, shape.intermediate
     per_image = shape.layers * (2 * n * (4 * d * d + 2 * d * i) + 4 * n * n * d)
-    passes = 2 if p.train.cf_weight > 0 else 1
+    passes = 1 + p.train.cf_fraction if p.train.cf_weight > 0 else 1
     return float(p.train.batch_size * per_image * 3 * passes)
 
 
@@ -374,7 +376,7 @@ def _train_time(p: Params, measure: Callable) -> Check:
     rate = measure(device)
     seconds = p.train.steps * flops / (rate * 1e12)
     estimate = (
-        f"{p.train.steps} clip steps of batch {p.train.batch_size} at crop {p.train.clip.crop}: "
+        f"{p.train.steps} clip steps of batch {p.train.batch_size} at crop {p.train.crop or p.generate.height}: "
         f"at least {_hours(seconds)} ({flops / 1e12:.2f} TFLOP a step at the {rate:.2f} TFLOP/s "
         f"this {device.type.upper()} multiplies at)"
     )

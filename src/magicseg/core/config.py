@@ -280,50 +280,130 @@ class ClipModelParams(Section):
     decoder_dim: int = Field(512, ge=8)
     deep_supervision: bool = True
     """Mask loss on every decoder layer (true) or on the last one only (the published ATM)."""
-    crop: int = Field(512, ge=32)
+    resolution: int | None = Field(None, ge=16)
+    """Input resolution the pretrained position grid is first resized to (``vpt_style:
+    zegclip``, the published ``input_resolution``); null = ``train.crop`` (the tower's own
+    image size without a crop). Stored in the checkpoint."""
     focal_weight: float = Field(100.0, ge=0)
     dice_weight: float = Field(1.0, ge=0)
     loss_stride: int = Field(4, ge=1)
     """The mask loss is computed at 1/``loss_stride`` of the crop (target nearest-downsampled);
     1 = full resolution, as published (memory grows with the square of it)."""
-    lr_multiplier: float = Field(10.0, gt=0)
-    warmup: int = Field(1500, ge=0)
     templates: Literal["zegclip15", "single"] = "zegclip15"
 
 
 class TrainParams(Section):
+    """The one training loop's settings (:mod:`magicseg.training`). What differs between models
+    (schedule, warm-up, lr multiplier, weight-decay rule, crop, validation batch, precision)
+    is a param here with a per-profile default, never a branch on the architecture."""
+
     architecture: Literal["offline", "clip"] = "offline"
     """Segmenter trained: `offline` (small U-Net + MiniLM) or `clip` (CLIP ViT with deep
     visual prompts); its settings are the block of the same name."""
     steps: int = Field(1000, ge=1)
     """Optimiser steps."""
     batch_size: int = Field(32, ge=1)
+    """Images per optimiser step, all processes together (each takes its slice)."""
     lr: float = Field(3e-3, gt=0)
-    """Peak learning rate (warm-up, then cosine decay)."""
+    """Peak learning rate (after warm-up), before ``lr_multiplier``."""
+    lr_multiplier: float = Field(1.0, gt=0)
+    """Multiplies ``lr`` for every trained parameter (the published recipe: 10 for the
+    prompts and the head, the only parts that train; the frozen CLIP gets no updates)."""
     weight_decay: float = Field(1e-4, ge=0)
+    weight_decay_rule: Literal["all", "matrices"] = "all"
+    """Which trained parameters AdamW decays: ``all`` (as mmcv's AdamW did in the published
+    recipe) or ``matrices`` (weights of >= 2 dimensions only: no norms, biases, tokens of 1-d)."""
+    schedule: Literal["cosine", "poly"] = "cosine"
+    """After warm-up: ``cosine`` decay over the remaining steps to ``min_lr_ratio`` x the peak,
+    or ``poly``: mmcv's PolyLrUpdaterHook, (peak - min) x (1 - step/steps)^poly_power + min
+    over all steps (warm-up scales it)."""
+    poly_power: float = Field(0.9, gt=0)
+    """Exponent of ``schedule: poly``."""
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    """The schedule's floor as a fraction of each parameter's peak lr (the published min_lr
+    1e-6 of a peak 2e-5 x 10 is 0.005)."""
+    warmup: Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=r"^\d+(\.\d+)?%$")] = "5%"
+    """Linear warm-up length: steps (``1500``) or a share of ``steps`` (``"5%"``); 0 = none."""
+    warmup_ratio: float = Field(0.02, ge=0.0, le=1.0)
+    """The lr factor at step 0 of the warm-up, rising linearly to 1 (mmcv's ``warmup_ratio``)."""
+    crop: int | None = Field(None, ge=16)
+    """Random resize (``scale_range``) then a random ``crop`` x ``crop`` window, padded with
+    ignore; null = train at the data's size (horizontal flips only)."""
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    """Random resize factors before the crop (with ``crop`` only)."""
+    photometric: bool = False
+    """Random brightness, contrast and saturation (each with probability 0.5), the same for an
+    image and its counterfactual."""
     num_sampled: int = Field(25, ge=1)
     """Classes scored per image: its own first, then random others (category random sampling).
-    The offline default is about 12% of the trainable classes (the paper: 100 of 1203)."""
+    The offline default is about 12% of the trainable classes (the paper: 100 of 1203); more
+    than the trainable classes uses them all (with a one-line warning)."""
     cf_weight: float = Field(0.5, ge=0)
     cf_loss: Literal["hinge_head", "hinge_pixels", "cf_background", "text_margin"] = "cf_background"
-    """Form of the counterfactual loss (see :mod:`magicseg.train` and the README; the literal
-    pixel-feature hinge can fight the pixel objective). ``cf_background`` and
+    """Form of the counterfactual loss (see :mod:`magicseg.model.losses` and the README; the
+    literal pixel-feature hinge can fight the pixel objective). ``cf_background`` and
     ``hinge_pixels`` pass the counterfactual through the whole model (about twice the compute
     per step), the other two through the image encoder only."""
     cf_margin: float = Field(0.2, ge=0.0, le=2.0)
     """Margin of ``cf_loss: text_margin`` (cosine units)."""
+    cf_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    """Share of each batch whose counterfactual is passed and scored (positions spread evenly
+    over the global batch): the counterfactual pass at lower cost (offline: 0.25, chosen with
+    ``benchmarks/train_levers.py``)."""
     bg_weight: float = Field(0.1, gt=0)
     """Cross-entropy weight of the background class."""
+    precision: Literal["auto", "fp32", "bf16"] = "bf16"
+    """Autocast dtype of the forward pass: ``bf16`` (CPU or CUDA; weights, optimiser and losses
+    stay fp32; on a CPU without AVX-512 BF16 or AMX it is emulated and slower: use fp32),
+    ``fp32``, or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
+    channels_last: bool = True
+    """Model and images in channels-last memory layout (faster convolutions on CPUs)."""
+    compile: bool = False
+    """``torch.compile`` the model (needs a C++ compiler; the first steps compile)."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes reading and augmenting samples (0: in the training process);
+    pinned memory on CUDA."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Steps between resumable training states (and at the end), kept under the stage's state
+    directory (``.cache/magicseg/train/<run key>``), which ``dvc repro`` does not delete."""
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Share of the samples held out of training for validation (by a hash of the id)."""
+    val_samples: int = Field(128, ge=1)
+    """A fixed, seeded subset of the validation split scored at each validation (shared over
+    the processes, confusion matrices summed)."""
+    val_batch_size: int = Field(64, ge=1)
+    """Validation images per forward pass and process."""
+    val_num_sampled: int | None = Field(None, ge=1)
+    """Classes each validation image is scored against: its own first, then seeded random
+    others; null = every vocabulary class (as ``evaluate`` does)."""
+    val_every: int = Field(100, ge=1)
+    """Steps between validation mIoU measurements (and always after the last step)."""
     device: str = "auto"
     logger: Literal["dvclive", "wandb", "none"] = "dvclive"
     log_every: int = Field(25, ge=1)
-    val_every: int = Field(100, ge=1)
-    """Steps between validation mIoU measurements (and always after the last step)."""
     num_threads: int = Field(0, ge=0)
     """torch CPU threads (0 = library default)."""
     offline: OfflineModelParams = OfflineModelParams()
     clip: ClipModelParams = ClipModelParams()
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> TrainParams:
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range: give 0 < low <= high (got {list(self.scale_range)})")
+        if self.crop is None and self.scale_range != (0.5, 2.0):
+            raise ValueError("scale_range: applies with train.crop only (crop is null)")
+        return self
+
+    def warmup_steps(self) -> int:
+        """``warmup`` in steps (a percentage of ``steps``, rounded down; at least 1 step when
+        the percentage is not 0), at most ``steps - 1``."""
+        if isinstance(self.warmup, str):
+            share = float(self.warmup[:-1]) / 100
+            n = max(1, int(self.steps * share)) if share > 0 else 0
+        else:
+            n = self.warmup
+        return min(n, self.steps - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,6 +482,9 @@ RENAMED: dict[str, str | tuple[str, ...]] = {
     "filter.gallery": "filter.gallery_samples",
     "train.model": "train.architecture",
     "train.clip.model": "train.clip.checkpoint",
+    "train.clip.crop": "train.crop",
+    "train.clip.lr_multiplier": "train.lr_multiplier",
+    "train.clip.warmup": "train.warmup",
     "evaluate.model": "evaluate.segmenter",
     "evaluate.drift": "evaluate.test_drift",
     "evaluate.gallery": "evaluate.gallery_samples",

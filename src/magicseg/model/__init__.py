@@ -51,7 +51,7 @@ def _clip(config: dict, text_dim: int):
         decoder=cfg.decoder,
         vpt_style=cfg.vpt_style,
         image_norm=cfg.image_norm,
-        crop=cfg.crop,
+        resolution=cfg.resolution,
         deep_supervision=cfg.deep_supervision,
         loss_stride=cfg.loss_stride,
     )
@@ -131,7 +131,8 @@ def save_checkpoint(
     meta: dict | None = None,
 ) -> None:
     """``torch.save`` a dict: format, model, config, text_encoder, text_dim, vocab, holdout,
-    image_size, state_dict (CPU tensors), meta (training params, metrics, ...). Atomic."""
+    image_size, state_dict (CPU tensors), meta (training params, metrics, ...). Atomic; the
+    same model, config and meta give the same bytes."""
     import torch
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -147,8 +148,8 @@ def save_checkpoint(
         "state_dict": state,
         "meta": meta or {},
     }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(blob, f)  # a file object: the archive's root is "archive", not tmp's name
 
 
 def load_checkpoint(path: str | Path, text_encoder: TextEncoder | None = None) -> Checkpoint:

@@ -42,7 +42,7 @@ from torch import nn
 
 from magicseg.core.errors import BackendError, ConfigError
 from magicseg.model.base import SegmenterOutput
-from magicseg.model.losses import hinge_cos, text_margin
+from magicseg.model.losses import hinge_cos, parts, text_margin
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -140,7 +140,7 @@ class PromptedViT(nn.Module):
       fan-out) and dropout 0.1 before insertion;
     - a trainable LayerNorm (eps 1e-6) on all tokens of the last layer, before the post-LN;
     - positions: the pretrained grid bilinearly resized to ``resolution / patch`` (the
-      published ``input_resolution``, here ``train.clip.crop``), then to the image's grid
+      published ``input_resolution``, here ``train.clip.resolution``), then to the image's grid
       (HF: bicubic, directly);
     - the CLS token's input is class embedding + position 0 + class embedding (the published
       code adds the class embedding twice; kept as written).
@@ -299,7 +299,7 @@ class ClipSegmenter(nn.Module):
         decoder: str = "query",
         vpt_style: str = "plain",
         image_norm: str = "model",
-        crop: int | None = None,
+        resolution: int | None = None,
         deep_supervision: bool = True,
         loss_stride: int = LOSS_STRIDE,
     ) -> None:
@@ -324,7 +324,7 @@ class ClipSegmenter(nn.Module):
         self.deep_supervision = deep_supervision
         self.loss_stride = loss_stride
         # 2. The prompted vision tower.
-        self.encoder = PromptedViT(source, vpt_tokens, vpt_style, crop, image_norm)
+        self.encoder = PromptedViT(source, vpt_tokens, vpt_style, resolution, image_norm)
         d = decoder_dim
         # 3. The decoder.
         if decoder == "atm":
@@ -502,10 +502,10 @@ def focal_dice_loss(
 
 
 def clip_loss(model: ClipSegmenter, batch, params) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss of a :class:`magicseg.train.Batch` for the clip model.
+    """Total loss of a :class:`magicseg.model.base.Batch` for the clip model.
 
-    The positive and (when ``cf_weight`` > 0) counterfactual images go through the prompted
-    ViT as one 2B batch. ``train.cf_loss`` maps as:
+    The positive and (when ``cf_weight`` > 0) the counterfactual images of ``batch.cf_rows``
+    go through the prompted ViT as one batch. ``train.cf_loss`` maps as:
 
     - ``hinge_head`` (the paper): mean max(0, cos(CLS_pos, CLS_cf)) of the projected CLS
       embeddings; only the prompt tokens carry its gradient, not the decoder;
@@ -518,37 +518,41 @@ def clip_loss(model: ClipSegmenter, batch, params) -> tuple[torch.Tensor, dict[s
     use_cf = params.cf_weight > 0
     kind = params.cf_loss
     b = batch.images.shape[0]
-    images = torch.cat([batch.images, batch.cf_images]) if use_cf else batch.images
+    rows = batch.cf_rows.to(batch.images.device)
+    cf_images, cf_features = batch.counterfactuals()
+    images = torch.cat([batch.images, cf_images]) if use_cf else batch.images
     padded, _, _ = model._pad(images)
     glob, grid = model.encoder(padded)
-    cf_loss = batch.images.new_zeros(())
+    cf_loss = batch.images.new_zeros((), dtype=torch.float32)
     if use_cf and kind == "cf_background":
-        feats = torch.cat([batch.features, batch.features])
+        feats = torch.cat([batch.features, cf_features])
         aux, _, _ = model.decode(grid, feats, glob)
         pix = model.mask_loss([a[:b] for a in aux], batch.target)
-        empty = torch.zeros_like(batch.target)
-        cf_loss = model.mask_loss([a[b:] for a in aux], empty, normaliser=batch.target)
+        empty = torch.zeros_like(batch.target[rows])
+        cf_loss = model.mask_loss([a[b:] for a in aux], empty, normaliser=batch.target[rows])
     else:
         aux, pixel_mean, classes = model.decode(grid[:b], batch.features, glob[:b])
         pix = model.mask_loss(aux, batch.target)
         if use_cf:
             glob = glob.float()
             if kind == "hinge_head":
-                cf_loss = hinge_cos(glob[:b], glob[b:])
+                cf_loss = hinge_cos(glob[:b][rows], glob[b:])
             elif kind == "hinge_pixels":
                 g_cf = model.pixel_features(grid[b:]).mean(1)
-                cf_loss = hinge_cos(pixel_mean.float(), g_cf.float())
+                cf_loss = hinge_cos(pixel_mean.float()[rows], g_cf.float())
             elif kind == "text_margin":
                 if glob.shape[-1] != classes.shape[-1]:
                     raise ConfigError(
                         "train.cf_loss: text_margin needs class features in CLIP's joint space "
                         f"({glob.shape[-1]}-d), got {classes.shape[-1]}-d"
                     )
-                cf_loss = text_margin(glob[:b], glob[b:], classes, batch.own, params.cf_margin)
+                cf_loss = text_margin(
+                    glob[:b][rows], glob[b:], classes[rows], batch.own[rows], params.cf_margin
+                )
             else:
                 raise ConfigError(f"train.cf_loss: unknown {kind!r}")
     total = pix + params.cf_weight * cf_loss
-    return total, {"loss": total.item(), "pixel_loss": pix.item(), "cf_loss": cf_loss.item()}
+    return total, parts(total, pix, cf_loss)
 
 
 # --------------------------------------------------------------------------------------------
