@@ -83,12 +83,12 @@ def test_an_effect_needs_every_cell_and_two_values_for_its_error():
     assert A.combine({"a": 1, "c": -1}, one)["diff"] is None
 
 
-def test_step_time_from_the_log_line_else_the_metrics():
-    log = "train: 41.2 s (1000 steps at 0.0391 s, validation 1.2 s)\n"
-    assert A.step_seconds({"seconds": 500.0, "steps": 1000}, log) == 0.0391
-    assert A.step_seconds({"seconds": 500.0, "steps": 1000}, "no timing here") == 0.5
-    assert A.step_seconds({"seconds_per_step": 0.25}, None) == 0.25
-    assert A.step_seconds({"steps": 1000}, "Stage 'train' is cached") is None
+def test_step_time_from_the_train_stages_log_line():
+    log = "Running stage 'train':\ntrain: 41.2 s (1000 steps at 0.0391 s, validation 1.2 s)\n"
+    assert A.step_seconds(log) == 0.0391
+    assert A.step_seconds(log + "train: 0.4 s (0 steps at 0.0 s, validation 0.0 s)\n") == 0.0391
+    assert A.step_seconds("Stage 'train' is cached") is None
+    assert A.step_seconds(None) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def _show_row(name, rev, state, seen, error=None, log=None):
                     "params": {"params.yaml": {"data": {"seed": 0}}},
                     "metrics": {
                         "metrics/eval.json": {"data": {"procedural": {"miou_seen": seen}}},
-                        "metrics/train.json": {"data": {"seconds": 10.0, "steps": 4}},
+                        "metrics/train.json": {"data": {"steps": 4, "num_sampled_effective": 6}},
                         "metrics/label.json": {"error": {"type": "FileNotFoundError"}},
                     },
                 },
@@ -201,14 +201,16 @@ def _show_row(name, rev, state, seen, error=None, log=None):
     }
 
 
-def test_parse_exp_show_states_and_values():
+def test_parse_exp_show_states_and_values(tmp_path):
+    log = tmp_path / "abl-x-a-s0.out"
+    log.write_text("Running stage 'train':\ntrain: 10.1 s (4 steps at 2.5 s, validation 0.1 s)\n")
     rows = [
         {"rev": "workspace", "name": None, "data": {}, "experiments": None},
         {
             "rev": "b" * 40,
             "name": "main",
             "experiments": [
-                _show_row("abl-x-a-s0", "1" * 40, "success", 0.5),
+                _show_row("abl-x-a-s0", "1" * 40, "success", 0.5, log=str(log)),
                 _show_row("abl-x-a-s1", "2" * 40, None, 0.7),  # run outside the queue
                 _show_row("abl-x-b-s0", "3" * 7, "queued", None),
                 _show_row("abl-x-b-s1", "4" * 7, "failed", None, {"msg": "failed"}),
@@ -222,7 +224,8 @@ def test_parse_exp_show_states_and_values():
         ("abl-x-b-s0", "queued", "b"),
         ("abl-x-b-s1", "failed", "b"),
     ]
-    assert exps[0].values() == {"seen": 0.5, "step_s": 2.5}
+    assert exps[0].values() == {"seen": 0.5, "k": 6.0, "step_s": 2.5}
+    assert exps[1].values() == {"seen": 0.7, "k": 6.0}  # no log: no step time
     assert exps[0].params == {"seed": 0} and "metrics/label.json" not in exps[0].metrics
 
 
@@ -623,13 +626,28 @@ def test_the_real_grids_plan_on_the_miniature_project(project):
 
 
 @pytest.mark.slow
-def test_num_sampled_above_the_trainable_classes_runs(mini, tmp_path):
+def test_num_sampled_50_as_written_and_above_the_trainable_classes(mini, tmp_path):
     """The design card's `dvc exp run -S train.num_sampled=50`, as written, on the miniature
-    offline project (236 trainable classes: 50 of them scored per image)."""
+    offline project (236 trainable classes: 50 scored per image); in a 40-class world (33
+    trainable) the trainer uses them all and says so in one warning line."""
+    from magicseg.core.vocabulary import build_vocabulary
+
     clone = tmp_path / "clone"
     _git_repo(clone, clone_of=mini)
     out = _run(DVC + ["exp", "run", "-S", "train.num_sampled=50"], clone)
-    assert "Running stage 'train'" in out
+    assert "Running stage 'train'" in out and "warning: train.num_sampled" not in out
     assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["num_sampled"] == 50
-    assert json.loads((clone / "metrics/train.json").read_text())["steps"] == MINI["train"]["steps"]
+    train = json.loads((clone / "metrics/train.json").read_text())
+    assert train["num_sampled_effective"] == 50 and train["steps"] == MINI["train"]["steps"]
+
+    out = _run(DVC + ["exp", "run", "-S", "train.num_sampled=50", "-S", "vocabulary.limit=40"],
+               clone)  # fmt: skip
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    n = len(build_vocabulary(**params["vocabulary"], seed=params["seed"]).trainable)
+    assert n == 33
+    warnings = [line for line in out.splitlines() if "train.num_sampled" in line]
+    assert warnings == [
+        f"warning: train.num_sampled: 50 exceeds the {n} trainable classes; using {n}"
+    ]
+    assert json.loads((clone / "metrics/train.json").read_text())["num_sampled_effective"] == n
     assert (clone / "models/model.pt").is_file()

@@ -265,22 +265,14 @@ def combine(terms: dict[str, float], stats: dict[str, dict[str, Any]]) -> dict[s
 STEP_LINE = re.compile(r"train: [\d.]+ s \((\d+) steps at ([\d.]+) s")
 
 
-def step_seconds(train_metrics: dict | None, log: str | None) -> float | None:
-    """Seconds per training step of one experiment: the train stage's own line in the
-    experiment's log (``train: 41.2 s (1000 steps at 0.0391 s, ...)``), else
-    ``metrics/train.json``'s ``seconds_per_step``, or its ``seconds`` / ``steps`` (the whole
-    stage, set-up included). None where neither has it (a train stage the run cache restored,
-    whose timing is not a metric)."""
-    if log:
-        found = STEP_LINE.findall(log)
-        if found:
-            return float(found[-1][1])
-    m = train_metrics or {}
-    if m.get("seconds_per_step") is not None:
-        return float(m["seconds_per_step"])
-    if m.get("seconds") is not None and m.get("steps"):
-        return float(m["seconds"]) / float(m["steps"])
-    return None
+def step_seconds(log: str | None) -> float | None:
+    """Seconds per training step of one experiment, from the train stage's own line in the
+    experiment's log (``train: 412.3 s (1000 steps at 0.3981 s, validation 9.2 s)``, printed by
+    :func:`magicseg.training.loop.train`; its ``timing.json`` stays in the experiment's
+    temporary copy, and wall-clock is no metric). None where no line ran a step (a train stage
+    the run cache restored, or a run rebuilt from its finished state)."""
+    found = [(int(n), float(s)) for n, s in STEP_LINE.findall(log or "") if int(n) > 0]
+    return found[-1][1] if found else None
 
 
 def dotted(data: dict | None, key: str) -> Any:
@@ -317,7 +309,7 @@ class Experiment:
             v = dotted(self.metrics.get(path), key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 out[name] = float(v)
-        step = step_seconds(self.metrics.get("metrics/train.json"), self.read_log())
+        step = step_seconds(self.read_log())
         if step is not None:
             out[STEP] = step
         return out
