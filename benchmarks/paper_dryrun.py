@@ -769,7 +769,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--counterfactual-mode",
         choices=["prompt_swap", "inpaint"],
-        help="override generate.diffusers.counterfactual_mode",
+        help="override generate.diffusers.counterfactual_mode (inpaint: pair_noise shared too)",
     )
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
     return ap.parse_args(argv)
@@ -825,6 +825,8 @@ def main(argv: list[str] | None = None) -> dict:
         overrides["train.batch_size"] = args.train_batch or 2
     if args.counterfactual_mode:
         overrides["generate.diffusers.counterfactual_mode"] = args.counterfactual_mode
+        if args.counterfactual_mode == "inpaint":  # repaints from the positive's own noise
+            overrides["generate.diffusers.pair_noise"] = "shared"
     if not gpu and full.generate.diffusers.dtype == "float16":
         overrides["generate.diffusers.dtype"] = "auto"  # fp16 kernels are a GPU's (fp32 here)
     if args.tiny:

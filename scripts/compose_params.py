@@ -2,7 +2,7 @@
 
 Run after changing a default in src/magicseg/core/config.py: conf/config.yaml is refreshed from the
 typed defaults (keeping its header), then params.yaml is composed exactly as `dvc exp run` would.
-Usage: python scripts/compose_params.py [--profile paper]
+Usage: python scripts/compose_params.py [--profile paper|magicseg]
 """
 
 import argparse

@@ -231,6 +231,24 @@ def test_grounded_sam_columns_uint16_masks_and_the_filters_reasons(paper):
 
 
 @pytest.mark.slow
+def test_published_generation_switches_reach_the_files(paper):
+    """The literal "nothing" rewrite, independent (seeded) pair noise and JPEG files of the
+    paper profile, through the stages: prompts, generate, label."""
+    from magicseg.prompts.counterfactual import literal_counterfactual
+
+    prompts = pd.read_parquet(paper.root / "data/prompts/manifest.parquet")
+    for row in prompts.itertuples():
+        assert row.cf_prompt == literal_counterfactual(row.prompt, list(row.class_names))
+    gen = pd.read_parquet(paper.root / "data/generate/manifest.parquet")
+    assert all(p.endswith(".jpg") for p in [*gen["image"], *gen["cf_image"]])
+    assert (paper.root / "data/generate" / gen["image"].iloc[0]).read_bytes()[:3] == b"\xff\xd8\xff"
+    meta = json.loads(gen["meta"].iloc[0])
+    assert meta["shared_latents"] is False and meta["cf_seed"] != meta["seed"]
+    label = pd.read_parquet(paper.root / "data/label/manifest.parquet")
+    assert all(p.endswith(".jpg") for p in label["image"])
+
+
+@pytest.mark.slow
 def test_every_enabled_benchmark_has_its_metrics(paper):
     metrics = json.loads((paper.root / "metrics/eval.json").read_text())
     params = yaml.safe_load((paper.root / "params.yaml").read_text())["evaluate"]

@@ -45,6 +45,10 @@ Status = Literal["ok", "warning", "error"]
 PNG_RATIO = 0.6
 """Bytes of a generated RGB image's PNG per raw byte (photographic content compresses
 little; Stable Diffusion images at 512 px are about 0.4-0.5 MB)."""
+JPEG_RATIO = 0.1
+"""The same for ``generate.image_format: jpeg`` (quality 75): generous, an estimate by
+argument (photographs at quality 75 take about 1-1.5 bits a pixel, 0.04-0.06 of raw), not
+measured on Stable Diffusion images here."""
 COPIES = 2
 """Copies of the images a run keeps: the per-sample cache (``.cache/magicseg``, hard-linked
 into the stage outputs) and the DVC cache (a copy unless DVC links: ``cache.type``)."""
@@ -217,11 +221,13 @@ def check_vocabulary(p: Params) -> list[Check]:
 # --------------------------------------------------------------------------------------------
 def planned_bytes(p: Params) -> int:
     """Bytes of one copy of the planned dataset: ``requests x per_request`` pairs, each two
-    RGB PNGs (:data:`PNG_RATIO` of the raw size) and a class-index mask PNG (0.1 byte a pixel,
-    generous: flat class maps compress well, 8 or 16 bits alike)."""
+    RGB images (:data:`PNG_RATIO` of the raw size, :data:`JPEG_RATIO` for JPEG) and a
+    class-index mask PNG (0.1 byte a pixel, generous: flat class maps compress well, 8 or 16
+    bits alike)."""
     pairs = p.prompts.requests * p.prompts.per_request
     pixels = p.generate.height * p.generate.width
-    return int(pairs * pixels * (2 * 3 * PNG_RATIO + 0.1))
+    ratio = JPEG_RATIO if p.generate.image_format == "jpeg" else PNG_RATIO
+    return int(pairs * pixels * (2 * 3 * ratio + 0.1))
 
 
 def check_disk(p: Params, where: str | Path = ".") -> Check:

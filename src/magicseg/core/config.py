@@ -101,6 +101,11 @@ class PromptsParams(Section):
     """Descriptions asked per request (10 in the paper)."""
     two_class_fraction: float = Field(0.3, ge=0.0, le=1.0)
     """Share of requests that pick two classes instead of one."""
+    cf_rewrite: Literal["ours", "literal"] = "ours"
+    """Counterfactual prompt: ``ours`` replaces every mention of a class by "nothing", plurals,
+    possessives and a leading article or count word included ("two dogs" -> "nothing");
+    ``literal`` is the published rewrite: each class name, whole word, case-insensitive,
+    replaced by "nothing" and nothing else ("two dogs" stays, "a dog" -> "a nothing")."""
     openai: OpenAIWriterParams = OpenAIWriterParams()
     transformers: TransformersWriterParams = TransformersWriterParams()
 
@@ -136,6 +141,11 @@ class DiffusersGeneratorParams(Section):
     2x this many rows with guidance). ``auto``: the whole ``generate.batch_size`` (all pairs in
     one call), at most 32 images on a GPU and 8 on a CPU (benchmarks/generate.py: 8 images per
     call 1.7x the naive loop's pairs/s on 2 CPU cores, 2.9x on loaded ones)."""
+    pair_noise: Literal["shared", "independent"] = "shared"
+    """Initial noise of a pair: ``shared`` (the counterfactual starts from the positive's
+    latents, seeded by the record's seed) or ``independent`` (as published: the counterfactual
+    from other noise, still reproducible: seeded by the stream ``generate.cf_noise`` of the
+    record's seed). ``independent`` needs ``counterfactual_mode: prompt_swap``."""
     counterfactual_mode: Literal["prompt_swap", "inpaint"] = "prompt_swap"
     """``prompt_swap``: the counterfactual painted from its own prompt and the positive's
     noise. ``inpaint``: the positive's object region (its class words' cross-attention during
@@ -151,6 +161,15 @@ class DiffusersGeneratorParams(Section):
     inpaint_dilate: int = Field(8, ge=0)
     """``inpaint``: pixels the object region grows by (a disk) before it is repainted."""
 
+    @model_validator(mode="after")
+    def _independent_needs_prompt_swap(self) -> DiffusersGeneratorParams:
+        if self.pair_noise == "independent" and self.counterfactual_mode != "prompt_swap":
+            raise ValueError(
+                "pair_noise: independent needs counterfactual_mode prompt_swap (inpaint "
+                "repaints the positive from its own noise)"
+            )
+        return self
+
 
 class GenerateParams(Section):
     backend: Literal["procedural", "diffusers"] = "procedural"
@@ -159,6 +178,10 @@ class GenerateParams(Section):
     width: int = Field(64, ge=16, le=4096)
     batch_size: int = Field(64, ge=1)
     """Prompts per generator call (pairs share their seeds whatever the batch)."""
+    image_format: Literal["png", "jpeg"] = "png"
+    """File format of the positives and counterfactuals: ``png`` (lossless) or ``jpeg`` (PIL's
+    default quality 75, as published). Masks stay PNG; every reader follows the manifest's
+    paths."""
     procedural: ProceduralGeneratorParams = ProceduralGeneratorParams()
     diffusers: DiffusersGeneratorParams = DiffusersGeneratorParams()
 
@@ -458,8 +481,9 @@ class EvaluateParams(Section):
 # the whole file
 # --------------------------------------------------------------------------------------------
 class Params(Section):
-    profile: Literal["offline", "paper"] = "offline"
-    """Set by the Hydra profile (`dvc exp run -S profile=paper`); informational."""
+    profile: Literal["offline", "paper", "magicseg"] = "offline"
+    """Set by the Hydra profile (`dvc exp run -S profile=paper`, `-S profile=magicseg`);
+    informational."""
     seed: int = Field(0, ge=0)
     """Global seed: held-out classes, prompts, sample seeds, training."""
     vocabulary: VocabularyParams = VocabularyParams()

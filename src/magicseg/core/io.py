@@ -57,12 +57,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_image(path: str | Path, image: np.ndarray) -> None:
-    """Write an HWC uint8 RGB array as PNG (deterministic bytes for the same array)."""
+IMAGE_SUFFIX = {"png": ".png", "jpeg": ".jpg"}
+"""``generate.image_format`` -> the suffix of its files."""
+JPEG_QUALITY = 75
+"""PIL's default JPEG quality, what the published generation script saved with."""
+
+
+def write_image(path: str | Path, image: np.ndarray, image_format: str = "png") -> None:
+    """Write an HWC uint8 RGB array as ``png`` (lossless) or ``jpeg`` (quality 75); the same
+    array gives the same bytes."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected HWC uint8 RGB, got {image.dtype} {image.shape}")
+    if image_format not in IMAGE_SUFFIX:
+        raise ValueError(f"image format {image_format!r}: expected one of {sorted(IMAGE_SUFFIX)}")
     with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG", compress_level=6)
+        if image_format == "jpeg":
+            Image.fromarray(image).save(tmp, format="JPEG", quality=JPEG_QUALITY)
+        else:
+            Image.fromarray(image).save(tmp, format="PNG", compress_level=6)
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -22,6 +22,8 @@ STREAMS: dict[str, str] = {
     "prompts.request": "per request: the writer's seed (template choices, LLM sampling)",
     "generate.sample": "per prompt: the pair's seed (the positive and its counterfactual share "
     "it); written by prompts into the manifest, drawn from by generate",
+    "generate.cf_noise": "per pair, from its seed: the counterfactual's own initial noise "
+    "(generate.diffusers.pair_noise: independent)",
     "filter.gallery": "which kept and dropped samples the filter gallery shows",
     "train.init": "model initialisation (torch's global generator)",
     "train.val_split": "per sample id: training or validation side",

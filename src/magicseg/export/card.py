@@ -300,8 +300,8 @@ def _contents(summary, vocab, with_kept: bool) -> str:
     dtype, ignore = mask_dtype(len(vocab)), ignore_index(len(vocab))
     rows = [
         ("id", "string", "sample id (the same in every stage's manifest)"),
-        ("image", "Image (PNG, RGB)", "the positive image"),
-        ("counterfactual_image", "Image (PNG, RGB)", "same seed, the object(s) removed"),
+        ("image", "Image (PNG or JPEG, RGB)", "the positive image"),
+        ("counterfactual_image", "Image (PNG or JPEG, RGB)", "same seed, the object(s) removed"),
         (
             "mask",
             f"Image (PNG, {dtype})",

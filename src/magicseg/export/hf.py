@@ -9,8 +9,9 @@ Layout of ``out`` (``magicseg export --format hf --out DIR``)::
                                              ``datasets.load_from_disk(DIR)``
     DIR/export.json                          the shards, their sample ids and input digests
 
-One row per sample; the columns are :func:`features`. Images are the stages' PNG files stored
-byte for byte as ``{"bytes": png, "path": None}``: nothing is decoded or re-encoded, so the
+One row per sample; the columns are :func:`features`. Images are the stages' files (PNG, or
+JPEG with ``generate.image_format: jpeg``) stored byte for byte as ``{"bytes": ..., "path":
+None}``: nothing is decoded or re-encoded, so the
 masks are byte-identical to the label stage's PNGs (class indices, ``uint8`` or ``uint16`` by
 vocabulary size, see :mod:`magicseg.io`).
 
@@ -89,8 +90,8 @@ def features(vocab: Vocabulary, include_dropped: bool = False):
     """The ``datasets.Features`` of an export row.
 
     - ``id`` (string): the sample id of every stage's manifest;
-    - ``image``, ``counterfactual_image`` (Image, PNG, RGB): the positive and its counterfactual
-      twin (same seed, the object removed);
+    - ``image``, ``counterfactual_image`` (Image, PNG or JPEG, RGB): the positive and its
+      counterfactual twin (same seed, the object removed);
     - ``mask`` (Image, PNG, lossless): HW class indices, pixel value ``k`` = vocabulary class
       ``k`` = ``classes`` label ``k - 1``; 0 = background; ignore = 255 (``uint8`` masks, fewer
       than 255 classes) or 65535 (``uint16``);

@@ -18,7 +18,14 @@ from magicseg.batching import batched_with_oom_retry
 from magicseg.core import io
 from magicseg.core.config import GenerateParams
 from magicseg.core.errors import DataError
-from magicseg.core.io import mask_dtype, read_manifest, write_image, write_manifest, write_mask
+from magicseg.core.io import (
+    IMAGE_SUFFIX,
+    mask_dtype,
+    read_manifest,
+    write_image,
+    write_manifest,
+    write_mask,
+)
 from magicseg.core.registry import Registry
 from magicseg.generate.base import Pair, PairGenerator, PromptRecord
 from magicseg.samplecache import (
@@ -120,6 +127,7 @@ def generate_keys(
         "backend_params": block.model_dump(mode="json") if block is not None else None,
         "fingerprint": str(getattr(generator, "fingerprint", "")),
         "size": [params.height, params.width],
+        "image_format": params.image_format,
         "mask_dtype": str(mask_dtype(num_classes)),
         "code": code_fingerprint(
             Path(__file__).parent,
@@ -154,7 +162,8 @@ def run_generate(
 ) -> pd.DataFrame:
     """Generate every prompt's pair into ``out_dir``.
 
-    Files: ``images/<id>.png`` (positive), ``counterfactual/<id>.png``, ``oracle/<id>.png``
+    Files: ``images/<id>.png`` (positive), ``counterfactual/<id>.png`` (``.jpg`` both with
+    ``image_format: jpeg``), ``oracle/<id>.png``
     (exact class-index mask, when the generator knows it), ``cf_region/<id>.png`` (the region
     an inpainting counterfactual repainted: 1 inside, 0 where the two images are identical).
     ``manifest.parquet`` columns: id, prompt, cf_prompt, class_ids, class_names, seed, image,
@@ -203,7 +212,7 @@ def run_generate(
     with tqdm(total=len(todo), desc=f"generate ({generator.name})", unit="pair") as bar:
         for batch, pairs in batches:
             for key, pair in zip(todo_keys[done : done + len(batch)], pairs, strict=True):
-                _cache_pair(cache, key, pair, num_classes)
+                _cache_pair(cache, key, pair, num_classes, params.image_format)
                 if sleep:
                     time.sleep(sleep)
             done += len(batch)
@@ -213,7 +222,11 @@ def run_generate(
     rows = []
     try:
         for i in mine:
-            rows.append(_link_pair(out_dir, records[i], cache.get(keys[i]), generator.name))
+            rows.append(
+                _link_pair(
+                    out_dir, records[i], cache.get(keys[i]), generator.name, params.image_format
+                )
+            )
     except OSError as err:
         if err.errno in DISK_FULL:
             raise disk_full(err, out_dir, f"every pair is kept in {cache.directory}") from None
@@ -255,10 +268,13 @@ def _run_token(keys: list[str]) -> str:
     return distributed.run_token("generate", *keys)
 
 
-def _cache_pair(cache: SampleCache, key: str, pair: Pair, num_classes: int) -> None:
+def _cache_pair(
+    cache: SampleCache, key: str, pair: Pair, num_classes: int, image_format: str
+) -> None:
+    ext = IMAGE_SUFFIX[image_format]
     writers = {
-        "positive.png": lambda p: write_image(p, pair.positive),
-        "counterfactual.png": lambda p: write_image(p, pair.counterfactual),
+        f"positive{ext}": lambda p: write_image(p, pair.positive, image_format),
+        f"counterfactual{ext}": lambda p: write_image(p, pair.counterfactual, image_format),
     }
     if pair.oracle_mask is not None:
         writers["oracle.png"] = lambda p: write_mask(p, pair.oracle_mask, num_classes)
@@ -267,13 +283,16 @@ def _cache_pair(cache: SampleCache, key: str, pair: Pair, num_classes: int) -> N
     cache.put(key, writers, {"meta": json.dumps(pair.meta, sort_keys=True)})
 
 
-def _link_pair(out: Path, rec: PromptRecord, entry: dict | None, backend: str) -> dict:
+def _link_pair(
+    out: Path, rec: PromptRecord, entry: dict | None, backend: str, image_format: str
+) -> dict:
     if entry is None:  # made by this rank a moment ago: only a concurrent deletion loses it
         raise DataError(f"sample {rec.id}: its cache entry vanished; re-run the stage")
     files = entry["files"]
-    image, cf_image = f"images/{rec.id}.png", f"counterfactual/{rec.id}.png"
-    materialise(files["positive.png"], out / image)
-    materialise(files["counterfactual.png"], out / cf_image)
+    ext = IMAGE_SUFFIX[image_format]
+    image, cf_image = f"images/{rec.id}{ext}", f"counterfactual/{rec.id}{ext}"
+    materialise(files[f"positive{ext}"], out / image)
+    materialise(files[f"counterfactual{ext}"], out / cf_image)
     oracle = region = None
     if "oracle.png" in files:
         oracle = f"oracle/{rec.id}.png"

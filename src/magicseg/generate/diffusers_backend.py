@@ -4,7 +4,9 @@ For each prompt record the positive and the counterfactual image start from **th
 latents**, drawn on the CPU from one generator seeded with ``PromptRecord.seed``; a sample's pair
 therefore depends neither on the batch size nor on the process or device that made it (up to
 the last bit, see below), and the two images differ mainly where the prompts differ (the
-object). The official MagicSeg code draws independent noise for the two images.
+object). The official MagicSeg code draws independent noise for the two images:
+``pair_noise: independent`` does so too, reproducibly (the counterfactual's seed is the stream
+``generate.cf_noise`` of the record's seed, :func:`counterfactual_seed`).
 
 Counterfactuals (``counterfactual_mode``): ``prompt_swap`` paints the counterfactual prompt from
 the shared noise; ``inpaint`` records the cross-attention of the class words while the positive
@@ -48,6 +50,7 @@ import numpy as np
 from magicseg.core.config import DiffusersGeneratorParams, GenerateParams
 from magicseg.core.devices import resolve_device, resolve_dtype
 from magicseg.core.errors import BackendError, ConfigError, DataError
+from magicseg.core.seeding import derive_seed
 from magicseg.generate.base import Pair, PromptRecord
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -275,7 +278,8 @@ class DiffusersPairGenerator:
 
     # ---------------------------------------------------------------------------------------
     def generate(self, batch: Sequence[PromptRecord]) -> list[Pair]:
-        """Paint each record's positive and counterfactual (shared initial latents).
+        """Paint each record's positive and counterfactual (shared initial latents, or the
+        counterfactual's own with ``pair_noise: independent``).
 
         ``prompt_swap``: both images painted from their prompts. ``inpaint``: the positive
         painted while its class words' cross-attention is recorded, then the object region
@@ -289,7 +293,7 @@ class DiffusersPairGenerator:
             positives, counterfactuals, regions, nsfw = self._generate_inpaint(batch)
         else:
             prompts = [p for rec in batch for p in (rec.prompt, rec.cf_prompt)]
-            seeds = [rec.seed for rec in batch for _ in range(2)]
+            seeds = [s for rec in batch for s in (rec.seed, self.counterfactual_seed(rec))]
             images, flags, _ = self._paint(prompts, seeds)
             positives, counterfactuals = images[0::2], images[1::2]
             nsfw = [[flags[2 * j], flags[2 * j + 1]] for j in range(len(batch))]
@@ -301,6 +305,8 @@ class DiffusersPairGenerator:
         pairs = []
         for j, rec in enumerate(batch):
             m = {**meta, "seed": rec.seed, "seconds": round(seconds, 4)}
+            if self.opts.pair_noise == "independent":
+                m["cf_seed"] = self.counterfactual_seed(rec)
             if self.opts.safety_checker:
                 m["nsfw"] = nsfw[j]
             if regions[j] is not None:
@@ -314,6 +320,13 @@ class DiffusersPairGenerator:
                 )
             )
         return pairs
+
+    def counterfactual_seed(self, rec: PromptRecord) -> int:
+        """The seed of a record's counterfactual noise: its own seed (``pair_noise: shared``)
+        or the stream ``generate.cf_noise`` of it (``independent``)."""
+        if self.opts.pair_noise == "shared":
+            return rec.seed
+        return derive_seed(rec.seed, "generate.cf_noise")
 
     def _paint(
         self,
@@ -454,7 +467,7 @@ class DiffusersPairGenerator:
             "compile": self.opts.compile,
             "negative_prompt": self.opts.negative_prompt,
             "counterfactual_mode": self.opts.counterfactual_mode,
-            "shared_latents": True,
+            "shared_latents": self.opts.pair_noise == "shared",
         } | (
             {
                 "inpaint_checkpoint": self.opts.inpaint_checkpoint,

@@ -4,7 +4,8 @@ A re-implementation, written from reading the code the MagicSeg authors publishe
 paper (their copy of ZegCLIP, MIT: ``models/decode_heads/decode_seg.py::ATMSingleHeadSeg``,
 ``models/losses/atm_loss.py::SegLossPlus``, ``models/losses/criterion.py::SegPlusCriterion``,
 config ``configs/magicseg/vpt_seg_fully_vit-b_512x512_20k_12_10.py``). Where that code is broken
-or ambiguous, what was taken as the intent is listed in ``docs/departures.md``.
+or ambiguous, what was taken as the intent is listed in the README, "Departures from the
+published code".
 
 Shapes (``B`` images, ``K`` classes, ``N = h*w`` patches, ``D`` = the decoder width = ``T``,
 CLIP's joint dim: the published config has ``use_proj=False``, so nothing maps the CLIP

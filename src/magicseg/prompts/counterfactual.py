@@ -2,6 +2,8 @@
 
 Whole words, case-insensitive, multi-word names, plurals (regular and common irregular) and
 possessives; a leading article or count word goes with the name ("a red kite" -> "nothing").
+:func:`literal_counterfactual` is the published rewrite (``prompts.cf_rewrite: literal``): each
+class name as written, whole word, case-insensitive, and nothing else.
 """
 
 from __future__ import annotations
@@ -119,3 +121,20 @@ def make_counterfactual(text: str, names: list[str] | tuple[str, ...]) -> str:
         return text
     out = _pattern(tuple(names)).sub(NOTHING, text)
     return re.sub(r"[ \t]{2,}", " ", out)
+
+
+def literal_counterfactual(text: str, names: list[str] | tuple[str, ...]) -> str:
+    """The published rewrite: each class name, in turn, replaced by "nothing" where it stands
+    as a whole word (``\\b``), case-insensitive; plurals, possessive endings and articles stay,
+    and a hyphenated word loses its class part ("hot-dog" -> "hot-nothing").
+
+    >>> literal_counterfactual("A Dog and two dogs near the dog's bowl", ["dog"])
+    "A nothing and two dogs near the nothing's bowl"
+    """
+    for name in names:
+        text = re.sub(rf"\b{re.escape(name)}\b", NOTHING, text, flags=re.IGNORECASE)
+    return text
+
+
+REWRITES = {"ours": make_counterfactual, "literal": literal_counterfactual}
+"""``prompts.cf_rewrite`` -> the function that makes a counterfactual prompt."""

@@ -16,7 +16,7 @@ from magicseg.core.registry import Registry
 from magicseg.core.seeding import derive_seed, rng
 from magicseg.core.vocabulary import Vocabulary
 from magicseg.prompts.base import PromptRequest, PromptWriter
-from magicseg.prompts.counterfactual import make_counterfactual, mentions
+from magicseg.prompts.counterfactual import REWRITES, mentions
 
 WRITERS: Registry[PromptWriter] = Registry("prompt writer")
 
@@ -109,6 +109,7 @@ def run_prompts(
         texts.extend(writer.write(requests[start : start + chunk]))
 
     # 3. Keep descriptions that mention their classes; make the counterfactual twins.
+    rewrite = REWRITES[params.cf_rewrite]
     rows, dropped = [], 0
     for r, (ids, req, outs) in enumerate(zip(plans, requests, texts, strict=True)):
         for k, text in enumerate(outs):
@@ -123,7 +124,7 @@ def run_prompts(
                     "class_ids": list(ids),
                     "class_names": list(req.classes),
                     "prompt": text,
-                    "cf_prompt": make_counterfactual(text, req.classes),
+                    "cf_prompt": rewrite(text, req.classes),
                     "writer": writer.name,
                     "style": params.style,
                     "seed": derive_seed(seed, "generate.sample", pid),
