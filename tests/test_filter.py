@@ -13,10 +13,11 @@ from magicseg.core.io import (
     read_manifest,
     read_mask,
     write_image,
+    write_manifest,
     write_mask,
 )
 from magicseg.core.vocabulary import build_vocabulary
-from magicseg.filter import REASONS, reasons_for, run_filter, write_filter_gallery
+from magicseg.filter import REASONS, keeps, reasons_for, run_filter, write_filter_gallery
 from magicseg.viz import IGNORE_GREY, palette
 
 
@@ -125,3 +126,23 @@ def test_gallery_greys_the_ignore_value_of_a_uint16_vocabulary(tmp_path):
     want = np.rint(0.45 * 200 + 0.55 * palette(len(vocab))[1000].astype(float))
     assert (overlay[64:] == want).all()
     assert (overlay[40:56] == 200).all()  # background untouched
+
+
+def test_filter_off_keeps_every_sample_with_a_mask_and_flags_the_rest(tmp_path):
+    vocab, _ = make_dataset(tmp_path, requests=8, per_request=3, drift=0.6)
+    frame = read_manifest(tmp_path / "label")
+    frame.loc[3, "mask"] = None  # an unreadable pair: no mask to train on
+    write_manifest(tmp_path / "label", frame)
+    on = FilterParams(max_components=1, gallery_samples=0)
+    off = on.model_copy(update={"enabled": False})
+    run_filter(tmp_path / "label", tmp_path / "on", on, tmp_path / "on.json")
+    kept = run_filter(tmp_path / "label", tmp_path / "off", off, tmp_path / "off.json")
+    m_on, m_off = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("on", "off"))
+    assert m_on["kept"] < 23  # the same data has samples the filter drops
+    assert m_off["kept"] == len(kept) == 23 and kept["id"].tolist() == [
+        i for i in frame["id"] if i != frame["id"][3]
+    ]
+    assert m_off["dropped"] == {r: int(r == "unreadable") for r in REASONS}
+    assert m_off["flagged"] == m_on["flagged"] and sum(m_off["flagged"].values()) > 1
+    assert keeps(["area_too_large"], off) and not keeps(["area_too_large"], on)
+    assert not keeps(["no_detection", "empty_mask"], off) and keeps([], on)

@@ -164,3 +164,21 @@ def test_reasons_from_constructed_detections(tmp_path):
         assert metrics["dropped"][reason] == int(reason in cases), reason
     decisions = pd.read_parquet(tmp_path / "filter" / "decisions.parquet")
     assert decisions["reason"].fillna("kept").tolist() == list(cases)
+
+    # the filter off: the same flags, every sample with a mask kept (no detection: no mask)
+    off = PARAMS.model_copy(update={"enabled": False})
+    run_filter(label_dir, tmp_path / "off", off, metrics_path=tmp_path / "off.json")
+    off_metrics = json.loads((tmp_path / "off.json").read_text())
+    off_decisions = pd.read_parquet(tmp_path / "off" / "decisions.parquet")
+    assert off_decisions["kept"].tolist() == [c != "no_detection" for c in cases]
+    assert [list(r) for r in off_decisions["reasons"]] == [list(r) for r in decisions["reasons"]]
+    assert off_decisions["reason"].fillna("kept").tolist() == [
+        "no_detection" if c == "no_detection" else "kept" for c in cases
+    ]
+    assert off_metrics["flagged"] == metrics["flagged"]
+    assert off_metrics["kept"] == len(cases) - 1
+    assert off_metrics["dropped"] == {r: int(r == "no_detection") for r in REASONS}
+    kept = pd.read_parquet(tmp_path / "off" / "manifest.parquet")
+    assert kept["id"].tolist() == [
+        r["id"] for r, c in zip(rows, cases, strict=True) if c != "no_detection"
+    ]

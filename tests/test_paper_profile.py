@@ -218,7 +218,12 @@ def test_grounded_sam_columns_uint16_masks_and_the_filters_reasons(paper):
     expected = [reasons_for(r, FilterParams(**params["filter"])) for _, r in label.iterrows()]
     assert decisions["id"].tolist() == label["id"].tolist()
     assert [list(r) for r in decisions["reasons"]] == expected
-    assert decisions["kept"].tolist() == [not r for r in expected]
+    if params["filter"]["enabled"]:
+        assert decisions["kept"].tolist() == [not r for r in expected]
+    else:  # the filter off: reasons are flags; only the samples without a mask are dropped
+        maskless = {"unreadable", "no_detection"}
+        assert decisions["kept"].tolist() == [not set(r) & maskless for r in expected]
+        assert (decisions["kept"] & decisions["reasons"].map(len).gt(0)).any()  # flagged, kept
     assert {r for rs in expected for r in rs} <= set(REASONS)
     assert "no_detection" in {r for rs in expected for r in rs}  # nothing detected: dropped
     kept = pd.read_parquet(paper.root / "data/filter/manifest.parquet")
@@ -267,6 +272,19 @@ def test_dvc_exp_show_lists_the_experiment(paper):
     names = [e.get("name") for row in shown for e in (row.get("experiments") or [])]
     assert "paper-mini" in names
     assert _ran(_run(DVC + ["repro"], paper.root).stdout) == set()  # nothing left to run
+
+
+@pytest.mark.slow
+def test_the_design_cards_num_sampled_50_on_this_profile(paper):
+    """`dvc exp run -S train.num_sampled=50` (the design card's example) on the paper profile:
+    50 of the 1203 classes scored per image; the pre-flight, train and evaluate re-run."""
+    args = [*paper.overrides, "-S", "train.num_sampled=50"]
+    proc = _run(DVC + ["exp", "run", "-S", "profile=paper", *args], paper.root)
+    assert _ran(proc.stdout + proc.stderr) == {"check", "train", "evaluate"}
+    params = yaml.safe_load((paper.root / "params.yaml").read_text())
+    assert params["profile"] == "paper" and params["train"]["num_sampled"] == 50
+    train = json.loads((paper.root / "metrics/train.json").read_text())
+    assert train["steps"] == 2 and (paper.root / "models/model.pt").is_file()
 
 
 # --------------------------------------------------------------------------------------------

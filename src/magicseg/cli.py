@@ -1,6 +1,6 @@
 """The ``magicseg`` command line: ``predict`` with a trained checkpoint, ``info`` on this setup,
 ``check`` (the pre-flight of a params file), ``export`` of the kept dataset (COCO JSON, Hugging
-Face datasets).
+Face datasets), ``ablate`` (grids of DVC experiments over several seeds, one table).
 
 User errors (:class:`magicseg.core.errors.MagicsegError`) print one line and exit with status 2.
 """
@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from magicseg.core.errors import ConfigError
+from magicseg.core.errors import ConfigError, DataError
 from magicseg.core.stage import user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -298,6 +298,47 @@ def export(
     if push_to_hub:
         url = push_export(out, push_to_hub, private, token)
         typer.echo(f"pushed to {push_to_hub}: {url}")
+
+
+@app.command()
+@user_errors
+def ablate(
+    grid: Annotated[
+        str, typer.Option(help="paper, sampling, masks, or all (comma-separated: paper,masks).")
+    ],
+    seeds: Annotated[str, typer.Option(help="Global seeds, comma-separated.")] = "0,1,2",
+    jobs: Annotated[int, typer.Option(help="Experiments run at once by DVC's queue.")] = 1,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the plan and the dvc commands; queue nothing.")
+    ] = False,
+    out: Annotated[
+        Path, typer.Option(help="Results JSON; the Markdown table goes beside it (.md).")
+    ] = Path("metrics/ablations.json"),
+    plots: Annotated[Path, typer.Option(help="Directory of the plots' CSV files.")] = Path(
+        "plots/ablations"
+    ),
+) -> None:
+    """Run a named grid of DVC experiments over several global seeds (dvc exp run --queue, in
+    temporary copies: the workspace is not touched), reuse the finished ones, and write per cell
+    mean, std, n and the per-seed values, and the effects with their standard errors, to OUT,
+    a Markdown table and a DVC plot. Run it from the repository root, with everything
+    committed."""
+    from magicseg.ablate import ablate as run_ablate
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--seeds: comma-separated integers, like 0,1,2 (got {seeds!r})"
+        ) from None
+    names = [g.strip() for g in grid.split(",") if g.strip()]
+    outcome = run_ablate(names, seed_list, jobs, dry_run, out, plots=plots, echo=typer.echo)
+    if outcome.failed:
+        raise DataError(
+            f"ablate: {len(outcome.failed)} experiment(s) did not finish "
+            f"({', '.join(p.name for p in outcome.failed[:4])}): their logs are above; the "
+            "table holds the finished ones (n per cell); run again to retry them"
+        )
 
 
 if __name__ == "__main__":

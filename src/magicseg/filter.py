@@ -14,6 +14,11 @@ lists all of them):
 - ``cf_detected``: a class still detected in the counterfactual (checking labelers);
 - ``low_cf_agreement``: the mask disagrees with the counterfactual difference (IoU below
   ``min_cf_agreement``).
+
+``filter.enabled: false`` switches the filter off: every reason is still recorded (the
+``reasons`` flags, ``metrics/filter.json: flagged``), but only the samples the labeler made no
+mask for are dropped (:data:`MASKLESS`: ``unreadable``, and ``no_detection``, for which the
+published flow writes no mask file); every other sample is kept.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ REASONS = (
     "cf_detected",
     "low_cf_agreement",
 )
+MASKLESS = ("unreadable", "no_detection")
+"""Reasons that mean the sample has no mask to train on: dropped even with the filter off."""
 
 
 def reasons_for(row: pd.Series | dict, params: FilterParams) -> list[str]:
@@ -92,6 +99,14 @@ def reasons_for(row: pd.Series | dict, params: FilterParams) -> list[str]:
     return out
 
 
+def keeps(reasons: list[str], params: FilterParams) -> bool:
+    """Whether a sample with these ``reasons`` (from :func:`reasons_for`) is kept: none of
+    them, or the filter is off (``params.enabled``) and the sample has a mask."""
+    if params.enabled:
+        return not reasons
+    return not set(reasons) & set(MASKLESS)
+
+
 def run_filter(
     label_dir: str | Path,
     out_dir: str | Path,
@@ -104,7 +119,8 @@ def run_filter(
     """Write the kept samples' ``manifest.parquet`` and every sample's ``decisions.parquet``.
 
     The kept manifest has the label manifest's columns with paths re-rooted at ``out_dir``.
-    ``decisions.parquet``: id, kept, reason (first, None when kept), reasons (all). The
+    ``decisions.parquet``: id, kept, reason (first, None when kept), reasons (all; with the
+    filter off, :func:`keeps`, a kept sample's flags). The
     gallery (``gallery_path``) needs the ``vocab`` the masks index (class names, ignore value).
     """
     if gallery_path is not None and vocab is None:
@@ -113,11 +129,12 @@ def run_filter(
     label_dir, out_dir = Path(label_dir), Path(out_dir)
     frame = read_manifest(label_dir)
     all_reasons = [reasons_for(row, params) for _, row in frame.iterrows()]
+    kept_flags = [keeps(r, params) for r in all_reasons]
     decisions = pd.DataFrame(
         {
             "id": frame["id"],
-            "kept": [not r for r in all_reasons],
-            "reason": [r[0] if r else None for r in all_reasons],
+            "kept": kept_flags,
+            "reason": [None if k else r[0] for k, r in zip(kept_flags, all_reasons, strict=True)],
             "reasons": all_reasons,
         }
     )

@@ -240,6 +240,9 @@ class LabelParams(Section):
 # filter
 # --------------------------------------------------------------------------------------------
 class FilterParams(Section):
+    enabled: bool = True
+    """``false`` switches the filter off: every sample with a mask is kept (only ``unreadable``
+    and ``no_detection`` ones are dropped), the other reasons recorded as flags."""
     min_area: float = Field(0.005, ge=0.0, le=1.0)
     """Smallest object area (all classes together) as a fraction of the image."""
     max_area: float = Field(0.6, ge=0.0, le=1.0)

@@ -1,0 +1,653 @@
+"""``magicseg ablate``: the statistics on known numbers, the grid definitions against the params
+classes, and a tiny grid (2 cells x 2 seeds) run for real through DVC's queue on a miniature
+copy of the project: results equal a hand computation from ``dvc exp show --json``, the data
+stages are shared between the cells of a seed, a re-run queues nothing and writes the same
+file, the plot and the table are written, the workspace is untouched."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.test_end_to_end import GIT_ID, MINI, _merge
+from typer.testing import CliRunner
+
+from magicseg import ablate as A
+from magicseg.cli import app
+from magicseg.core.config import Params, Section, parse_params
+from magicseg.core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = [sys.executable, "-m", "dvc"]
+runner = CliRunner()
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------------------------
+def test_summarize_known_numbers():
+    s = A.summarize([0.5, 0.6, 0.7])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)
+    assert A.summarize([0.4]) == {"n": 1, "mean": 0.4, "std": None}
+    assert A.summarize([]) == {"n": 0, "mean": None, "std": None}
+    assert A.summarize([2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0])["std"] == pytest.approx(
+        math.sqrt(32 / 7)
+    )
+
+
+def test_difference_of_means_and_its_standard_error():
+    stats = {
+        "on": A.summarize([0.62, 0.60, 0.64]),  # mean 0.62, std 0.02
+        "off": A.summarize([0.59, 0.60, 0.58]),  # mean 0.59, std 0.01
+    }
+    c = A.combine({"on": 1, "off": -1}, stats)
+    se = math.sqrt(0.02**2 / 3 + 0.01**2 / 3)  # 0.01291
+    assert c["diff"] == pytest.approx(0.03) and c["se"] == pytest.approx(se)
+    assert c["exceeds_noise"] is True  # 0.03 > 2 x 0.0129
+    noisy = {"on": A.summarize([0.70, 0.50, 0.66]), "off": stats["off"]}
+    c = A.combine({"on": 1, "off": -1}, noisy)
+    assert c["diff"] == pytest.approx(0.03) and c["exceeds_noise"] is False  # se 0.061
+
+
+def test_interaction_adds_the_four_variances():
+    stats = {
+        "rich/on": A.summarize([0.62, 0.64]),
+        "rich/off": A.summarize([0.58, 0.60]),
+        "plain/on": A.summarize([0.40, 0.50]),
+        "plain/off": A.summarize([0.55, 0.57]),
+    }
+    c = A.combine({"rich/on": 1, "rich/off": -1, "plain/on": -1, "plain/off": 1}, stats)
+    assert c["diff"] == pytest.approx((0.63 - 0.59) - (0.45 - 0.56))  # 0.15
+    var = sum(
+        statistics.variance(v) / 2 for v in ([0.62, 0.64], [0.58, 0.6], [0.4, 0.5], [0.55, 0.57])
+    )
+    assert c["se"] == pytest.approx(math.sqrt(var))  # 0.0374
+    assert c["exceeds_noise"] is True
+
+
+def test_an_effect_needs_every_cell_and_two_values_for_its_error():
+    one = {"a": A.summarize([0.5]), "b": A.summarize([0.3, 0.4])}
+    assert A.combine({"a": 1, "b": -1}, one) == {
+        "diff": pytest.approx(0.15),
+        "se": None,
+        "exceeds_noise": None,
+    }
+    assert A.combine({"a": 1, "c": -1}, one)["diff"] is None
+
+
+def test_step_time_from_the_train_stages_log_line():
+    log = "Running stage 'train':\ntrain: 41.2 s (1000 steps at 0.0391 s, validation 1.2 s)\n"
+    assert A.step_seconds(log) == 0.0391
+    assert A.step_seconds(log + "train: 0.4 s (0 steps at 0.0 s, validation 0.0 s)\n") == 0.0391
+    assert A.step_seconds("Stage 'train' is cached") is None
+    assert A.step_seconds(None) is None
+
+
+# --------------------------------------------------------------------------------------------
+# the grids
+# --------------------------------------------------------------------------------------------
+def _leaf_keys(cls=Params, prefix=""):
+    out = set()
+    for name, f in cls.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            out |= _leaf_keys(ann, f"{prefix}{name}.")
+        else:
+            out.add(f"{prefix}{name}")
+    return out
+
+
+@pytest.mark.parametrize("name", ["paper", "masks", "sampling"])
+def test_every_override_is_a_param_and_validates(name):
+    g = A.grid(name, vocabulary_size=48, trainable=40)
+    keys = _leaf_keys()
+    defaults = Params().model_dump(mode="json")
+    assert len(g.cells) >= 4
+    for cell, overrides in g.cells.items():
+        assert set(overrides) <= keys, (cell, set(overrides) - keys)
+        data = json.loads(json.dumps(defaults))
+        for key, value in overrides.items():
+            *parents, leaf = key.split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        parse_params(data, f"{name}/{cell}")  # a value the params classes refuse raises
+    for effect, terms in g.effects.items():
+        assert set(terms) <= set(g.cells), effect
+        assert sum(terms.values()) == 0, effect  # a contrast: equal cells give 0
+    names = [A.exp_name(name, c, 12) for c in g.cells]
+    assert len(set(names)) == len(names)
+    for n in names:  # DVC names experiments with git refs
+        subprocess.run(["git", "check-ref-format", f"refs/exps/{n}"], check=True)
+
+
+def test_the_paper_grid_crosses_style_and_every_loss_form_kept():
+    g = A.grid("paper", 48, 40)
+    forms = {c.split("/")[1] for c in g.cells} - {"off"}
+    assert "hinge_head" in forms and "hinge_pixels" not in forms
+    for style in ("rich", "plain"):
+        assert g.cells[f"{style}/off"]["train.cf_weight"] == 0
+        for f in forms:
+            cell = g.cells[f"{style}/{f}"]
+            assert cell["prompts.style"] == style and cell["train.cf_loss"] == f
+            assert cell["train.cf_weight"] > 0
+    for f in forms:
+        assert g.effects[f"interaction/{f}"] == {
+            f"rich/{f}": 1,
+            "rich/off": -1,
+            f"plain/{f}": -1,
+            "plain/off": 1,
+        }
+
+
+def test_sampling_values_span_5_to_all_with_at_least_four():
+    assert A.sampling_values(40) == [5, 10, 25]
+    assert A.sampling_values(244) == [5, 25, 50, 100]
+    assert A.sampling_values(8) == [5]  # what fits below 8
+    g = A.grid("sampling", vocabulary_size=252, trainable=230)
+    assert list(g.cells) == ["K=5", "K=25", "K=50", "K=100", "K=all"]
+    assert g.cells["K=all"] == {"train.num_sampled": 252}
+    assert g.effects["K=5_vs_all"] == {"K=5": 1, "K=all": -1}
+    with pytest.raises(ConfigError, match="unknown grid 'papr'"):
+        A.grid("papr", 48, 40)
+
+
+def test_hydra_values():
+    assert [A.hydra_value(v) for v in (True, False, None, 0.5, 0.0, 40, "rich")] == [
+        "true",
+        "false",
+        "null",
+        "0.5",
+        "0.0",
+        "40",
+        "rich",
+    ]
+    assert A.hydra_value("a photo of a {}") == '"a photo of a {}"'
+
+
+# --------------------------------------------------------------------------------------------
+# dvc exp show, the tables
+# --------------------------------------------------------------------------------------------
+def _show_row(name, rev, state, seen, error=None, log=None):
+    return {
+        "executor": {"state": state, "local": {"log": log}} if state else None,
+        "name": name,
+        "revs": [
+            {
+                "rev": rev,
+                "name": name,
+                "error": error,
+                "data": {
+                    "rev": rev,
+                    "timestamp": "2026-11-26T02:28:23",
+                    "params": {"params.yaml": {"data": {"seed": 0}}},
+                    "metrics": {
+                        "metrics/eval.json": {"data": {"procedural": {"miou_seen": seen}}},
+                        "metrics/train.json": {"data": {"steps": 4, "num_sampled_effective": 6}},
+                        "metrics/label.json": {"error": {"type": "FileNotFoundError"}},
+                    },
+                },
+            }
+        ],
+    }
+
+
+def test_parse_exp_show_states_and_values(tmp_path):
+    log = tmp_path / "abl-x-a-s0.out"
+    log.write_text("Running stage 'train':\ntrain: 10.1 s (4 steps at 2.5 s, validation 0.1 s)\n")
+    rows = [
+        {"rev": "workspace", "name": None, "data": {}, "experiments": None},
+        {
+            "rev": "b" * 40,
+            "name": "main",
+            "experiments": [
+                _show_row("abl-x-a-s0", "1" * 40, "success", 0.5, log=str(log)),
+                _show_row("abl-x-a-s1", "2" * 40, None, 0.7),  # run outside the queue
+                _show_row("abl-x-b-s0", "3" * 7, "queued", None),
+                _show_row("abl-x-b-s1", "4" * 7, "failed", None, {"msg": "failed"}),
+            ],
+        },
+    ]
+    exps = A.parse_exp_show(rows)
+    assert [(e.name, e.state, e.baseline[:1]) for e in exps] == [
+        ("abl-x-a-s0", "done", "b"),
+        ("abl-x-a-s1", "done", "b"),
+        ("abl-x-b-s0", "queued", "b"),
+        ("abl-x-b-s1", "failed", "b"),
+    ]
+    assert exps[0].values() == {"seen": 0.5, "k": 6.0, "step_s": 2.5}
+    assert exps[1].values() == {"seen": 0.7, "k": 6.0}  # no log: no step time
+    assert exps[0].params == {"seed": 0} and "metrics/label.json" not in exps[0].metrics
+
+
+def _planned(name, cell, seed, params, found=None):
+    p = A.Planned("g", cell, seed, name, {}, params)
+    p.found = found
+    return p
+
+
+def test_match_reuses_by_name_and_params_and_refuses_a_stale_name():
+    head, old = "h" * 40, "o" * 40
+    done = A.Experiment("abl-g-a-s0", "r1", old, "done", {"seed": 0, "x": 1})
+    running = A.Experiment("abl-g-a-s1", "r2", head, "running", {"seed": 1, "x": 1})
+    todo = [
+        _planned("abl-g-a-s0", "a", 0, {"seed": 0, "x": 1}),
+        _planned("abl-g-a-s1", "a", 1, {"seed": 1, "x": 1}),
+        _planned("abl-g-b-s0", "b", 0, {"seed": 0, "x": 2}),
+    ]
+    A.match(todo, [done, running], head)
+    assert [(p.state, p.found and p.found.rev) for p in todo] == [
+        ("done", "r1"),
+        ("running", "r2"),
+        ("to queue", None),
+    ]
+    other = A.Experiment("abl-g-a-s0", "r1", old, "done", {"seed": 0, "x": 5})  # older commit
+    A.match(todo[:1], [other], head)
+    assert todo[0].state == "to queue"
+    stale = A.Experiment("abl-g-a-s0", "r3", head, "done", {"seed": 0, "x": 5})
+    with pytest.raises(ConfigError, match=r"abl-g-a-s0: .*other params \(x: 5, the grid says 1\)"):
+        A.match(todo[:1], [stale], head)
+
+
+def _results():
+    g = A.Grid(
+        "tiny",
+        {"a": {"train.cf_weight": 0.0}, "b": {"train.cf_weight": 0.5}},
+        {"b_vs_a": {"b": 1, "a": -1}},
+        "a test grid",
+    )
+    planned = []
+    for cell, seen in (("a", (0.50, 0.52)), ("b", (0.60, 0.61))):
+        for seed, v in enumerate(seen):
+            e = A.Experiment(
+                A.exp_name("tiny", cell, seed),
+                f"{cell}{seed}",
+                "h",
+                "done",
+                metrics={"metrics/eval.json": {"procedural": {"miou_seen": v}}},
+            )
+            p = _planned(e.name, cell, seed, {}, e)
+            p.grid, p.state = "tiny", "done"
+            planned.append(p)
+    return A.grid_results(g, planned, [0, 1], previous={"a0": 0.2})
+
+
+def test_grid_results_markdown_and_plot_rows():
+    r = _results()
+    a = r["cells"]["a"]["metrics"]
+    assert a["seen"] == {"n": 2, "mean": 0.51, "std": pytest.approx(0.014142), "values": {
+        "0": 0.5, "1": 0.52}}  # fmt: skip
+    assert a["step_s"] == {"n": 1, "mean": 0.2, "std": None, "values": {"0": 0.2}}  # earlier file
+    e = r["effects"]["b_vs_a"]["metrics"]["seen"]
+    assert e["diff"] == pytest.approx(0.095) and e["exceeds_noise"] is True
+    md = A.markdown({"grids": {"tiny": r}})
+    assert "| a | `train.cf_weight=0.0` | 2 | 0.510 ± 0.014 |" in md
+    assert "| b_vs_a | b − a | **+0.095 ± 0.011** |" in md
+    assert "Beyond the noise (more than 2 SE): b_vs_a on seen mIoU (+0.095 ± 0.011)" in md
+    rows = A.plot_rows(r, "tiny").splitlines()
+    assert rows[0] == "cell,metric,mean,lo,hi,n"
+    assert "a,seen mIoU,0.51,0.49586,0.52414,2" in rows
+
+
+def _tables(md: str) -> list[list[list[str]]]:
+    """The Markdown tables in ``md``: rows of cells (a row: a line that starts with ``|``)."""
+    tables, current = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            assert line.endswith("|"), line
+            current.append([c.strip() for c in line[1:-1].split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_markdown_tables_are_well_formed_and_say_when_nothing_is_an_effect():
+    r = _results()
+    # the noisy case: b's seeds spread wide, and a cell with one seed has no std
+    r["cells"]["b"]["metrics"]["seen"].update(std=0.2)
+    r["effects"]["b_vs_a"]["metrics"]["seen"].update(se=0.1, exceeds_noise=False)
+    md = A.markdown({"grids": {"tiny": r}})
+    tables = _tables(md)
+    assert len(tables) == 2  # the cells, the effects
+    for rows in tables:
+        assert len({len(row) for row in rows}) == 1, rows  # every row as wide as the header
+        assert set(rows[1]) <= {"---"}  # the separator
+        assert all("|" not in c and "\n" not in c for row in rows for c in row)
+    assert [row[0] for row in tables[0][2:]] == ["a", "b"]
+    assert tables[0][0][:3] == ["cell", "overrides", "n"] and "s/step" in tables[0][0]
+    assert tables[0][2][tables[0][0].index("s/step")] == "0.200"  # n = 1: no ± std
+    assert tables[1][2][:2] == ["b_vs_a", "b − a"]
+    assert tables[1][2][2:] == ["+0.095 ± 0.100", "–"]  # not bold; no step time in b
+    assert "No effect exceeds twice its standard error: every difference here is noise." in md
+    r["cells"]["b"]["metrics"]["step_s"] = A.summarize([0.3]) | {"values": {"0": 0.3}}
+    r["effects"]["b_vs_a"]["metrics"]["step_s"] = {"diff": 0.1, "se": None, "exceeds_noise": None}
+    md = A.markdown({"grids": {"tiny": r}})
+    assert "| b_vs_a | b − a | +0.095 ± 0.100 | +0.100 |" in md
+    assert "1 difference(s) without a standard error (a cell with n < 2)" in md
+
+
+def test_readme_ablation_tables_are_the_committed_ones():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- ablations:start -->")[1].split("<!-- ablations:end -->")[0]
+    committed = ROOT / "metrics/ablations.md"
+    if not committed.is_file():
+        assert "Not run yet" in block  # the placeholder says so until there is a run
+        return
+    assert block.strip() == committed.read_text().strip(), (
+        "copy them with: python scripts/readme_ablations.py"
+    )
+    data = json.loads((ROOT / "metrics/ablations.json").read_text())
+    assert A.markdown(data) == committed.read_text()  # the table is the JSON's
+
+
+# --------------------------------------------------------------------------------------------
+# through DVC
+# --------------------------------------------------------------------------------------------
+def _env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(root / "src")
+    return env
+
+
+def _run(args: list[str], cwd: Path, stdout_only: bool = False) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
+
+
+def _json(args: list[str], cwd: Path):
+    return json.loads(_run(args, cwd, stdout_only=True))
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> Path:
+    """A miniature copy of the project (git + DVC, Hydra composition on, the miniature params
+    in conf/ so that every experiment composes them), committed, nothing run."""
+    root = tmp_path_factory.mktemp("ablate") / "project"
+    root.mkdir()
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("dvc.yaml", "stages", "src", "conf", ".gitignore"):
+        src = ROOT / name
+        (shutil.copytree(src, root / name, ignore=skip) if src.is_dir() else shutil.copy(src, root / name))  # fmt: skip
+    conf = root / "conf/config.yaml"
+    header = conf.read_text().split("\nseed:", 1)[0] + "\n"
+    composed = _merge(yaml.safe_load(conf.read_text()), MINI)
+    composed.pop("defaults")
+    conf.write_text(header + yaml.safe_dump(composed, sort_keys=False))
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), MINI)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _git_repo(root)
+    _run(DVC + ["init", "-q"], root)
+    for key, value in (("core.analytics", "false"), ("core.check_update", "false"),
+                       ("hydra.enabled", "true")):  # fmt: skip
+        _run(DVC + ["config", key, value], root)
+    shutil.copytree(ROOT / ".dvc/plots", root / ".dvc/plots")
+    _run(["git", "add", "-A"], root)
+    _run(["git", "commit", "-qm", "miniature project"], root)
+    return root
+
+
+def _git_repo(root: Path, clone_of: Path | None = None) -> None:
+    """A git repository (a clone of ``clone_of``) with the identity experiments commit with."""
+    if clone_of is None:
+        _run(["git", "init", "-q"], root)
+    else:
+        _run(["git", "clone", "-q", str(clone_of), str(root)], root.parent)
+    for key, value in zip(("user.name", "user.email"), GIT_ID[1::2], strict=True):
+        _run(["git", "config", key, value.split("=", 1)[1]], root)
+
+
+TINY = {"a": {"train.cf_weight": 0.0}, "b": {"train.cf_weight": 0.5}}
+
+
+@pytest.fixture
+def project(monkeypatch, mini):
+    """The miniature project as the working directory (its own code on the path)."""
+    monkeypatch.chdir(mini)
+    for k, v in _env(mini).items():
+        monkeypatch.setenv(k, v)
+    return mini
+
+
+@pytest.fixture
+def tiny_grid(monkeypatch, project):
+    """... with a 2-cell grid ``tiny``: the counterfactual loss off and on."""
+    monkeypatch.setitem(A.GRIDS, "tiny", TINY)
+    monkeypatch.setitem(A.EFFECTS, "tiny", {"b_vs_a": {"b": 1, "a": -1}})
+    return project
+
+
+def _ablate(*args: str):
+    result = runner.invoke(app, ["ablate", *args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def _by_hand(root: Path) -> dict[str, dict[str, float]]:
+    """Experiment name -> metric -> value, walking the nested ``dvc exp show --json``."""
+    out = {}
+    for row in _json(DVC + ["exp", "show", "--json"], root):
+        for exp in row.get("experiments") or []:
+            for rev in exp["revs"]:
+                metrics = rev["data"]["metrics"]
+                ev = metrics["metrics/eval.json"]["data"]["procedural"]
+                values = {
+                    "seen": ev.get("miou_seen"),
+                    # None or absent where the few test images hold no held-out class
+                    "heldout": ev.get("miou_heldout"),
+                    "label_miou": metrics["metrics/label.json"]["data"]["oracle_miou"],
+                    "kept_ratio": metrics["metrics/filter.json"]["data"]["kept_ratio"],
+                }
+                out[rev["name"]] = {k: v for k, v in values.items() if v is not None}
+                out[rev["name"]]["log"] = exp["executor"]["local"]["log"]
+    return out
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_through_the_dvc_queue(tiny_grid):
+    root = tiny_grid
+    params_before = (root / "params.yaml").read_text()
+
+    # 1. The dry run: four experiments to queue, the commands a user could type.
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,1", "--dry-run")
+    assert code == 0, out
+    assert "4 experiments (tiny x seeds 0,1): 4 to queue" in out
+    assert "dvc exp run --queue -n abl-tiny-b-s1 -S seed=1 -S train.cf_weight=0.5" in out
+    assert not (root / "metrics/ablations.json").exists()
+
+    # 2. The run.
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,1")
+    assert code == 0, out
+    data = json.loads((root / "metrics/ablations.json").read_text())
+    tiny = data["grids"]["tiny"]
+    assert tiny["command"] == "magicseg ablate --grid tiny --seeds 0,1"
+    hand = _by_hand(root)
+    assert set(hand) == {f"abl-tiny-{c}-s{s}" for c in "ab" for s in (0, 1)}
+    for cell in ("a", "b"):
+        c = tiny["cells"][cell]
+        assert c["overrides"] == TINY[cell]
+        assert {s: e["name"] for s, e in c["experiments"].items()} == {
+            "0": f"abl-tiny-{cell}-s0",
+            "1": f"abl-tiny-{cell}-s1",
+        }
+        for metric in ("seen", "heldout", "label_miou", "kept_ratio"):
+            by_seed = {
+                str(s): hand[f"abl-tiny-{cell}-s{s}"][metric]
+                for s in (0, 1)
+                if metric in hand[f"abl-tiny-{cell}-s{s}"]
+            }
+            if metric != "heldout":
+                assert len(by_seed) == 2, (cell, metric)
+            if not by_seed:  # a metric no experiment has is left out
+                assert metric not in c["metrics"]
+                continue
+            values = list(by_seed.values())
+            m = c["metrics"][metric]
+            assert m["n"] == len(values) and m["values"] == by_seed
+            assert m["mean"] == pytest.approx(statistics.mean(values), abs=1e-6)
+            if len(values) == 2:
+                assert m["std"] == pytest.approx(statistics.stdev(values), abs=1e-6)
+        assert c["metrics"]["step_s"]["n"] == 2 and c["metrics"]["step_s"]["mean"] > 0
+    # the seeds re-draw the data: the labels' agreement differs between seeds
+    assert tiny["cells"]["a"]["metrics"]["label_miou"]["std"] > 0
+    for metric in ("seen", "step_s"):  # (a few training steps: mIoU may be 0 everywhere)
+        effect = tiny["effects"]["b_vs_a"]["metrics"][metric]
+        a, b = (tiny["cells"][c]["metrics"][metric] for c in "ab")
+        assert effect["diff"] == pytest.approx(b["mean"] - a["mean"], abs=1e-6)
+        se = math.sqrt(a["std"] ** 2 / 2 + b["std"] ** 2 / 2)
+        assert effect["se"] == pytest.approx(se, abs=1e-6)
+        assert effect["exceeds_noise"] == (abs(effect["diff"]) > 2 * se)
+    assert tiny["effects"]["b_vs_a"]["metrics"]["step_s"]["se"] > 0
+    a = tiny["cells"]["a"]["metrics"]["seen"]
+
+    # 3. The data stages ran once per seed; the second cell of a seed restored them.
+    for seed in (0, 1):
+        logs = [Path(hand[f"abl-tiny-{c}-s{seed}"]["log"]).read_text() for c in "ab"]
+        for stage in ("vocabulary", "prompts", "generate", "label", "filter"):
+            ran = [f"Running stage '{stage}'" in log for log in logs]
+            cached = [f"Stage '{stage}' is cached" in log for log in logs]
+            assert ran == [True, False] and cached == [False, True], (seed, stage)
+        assert all("Running stage 'train'" in log for log in logs)
+    restored = out.split("restored from the run cache: ", 1)[1].splitlines()[0]
+    for stage in ("vocabulary", "prompts", "generate", "label", "filter"):
+        assert f"{stage} 2" in restored.split(", "), restored
+
+    # 4. The table and the plot; DVC renders the plot with the custom template.
+    table = (root / "metrics/ablations.md").read_text()
+    assert "### Grid `tiny`" in table and "| b_vs_a | b − a |" in table
+    assert f"| a | `train.cf_weight=0.0` | 2 | {a['mean']:.3f} ± {a['std']:.3f} |" in table
+    csv_rows = (root / "plots/ablations/tiny.csv").read_text().splitlines()
+    assert csv_rows[0] == "cell,metric,mean,lo,hi,n" and len(csv_rows) > 4
+    shown = _json(DVC + ["plots", "show", "--json"], root)["data"]
+    (plot,) = shown["plots/ablations/tiny.csv"]  # the plots/ablations entry of dvc.yaml
+    spec = plot["content"]
+    assert spec["facet"]["row"]["field"] == "metric"
+    assert {r["cell"] for r in spec["data"]["values"]} == {"a", "b"}
+
+    # 5. The workspace is untouched (experiments ran in temporary copies).
+    assert (root / "params.yaml").read_text() == params_before
+    assert not (root / "data").exists() and not (root / "models").exists()
+
+    # 6. A re-run queues nothing and writes the same file.
+    before = (root / "metrics/ablations.json").read_bytes()
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,1")
+    assert code == 0, out
+    assert "4 experiments (tiny x seeds 0,1): 4 done" in out and "stages run" not in out
+    assert (root / "metrics/ablations.json").read_bytes() == before
+    assert len(_by_hand(root)) == 4
+
+
+@pytest.mark.slow
+def test_refusals_before_any_work(tiny_grid, monkeypatch):
+    root = tiny_grid
+    code, out = _ablate("--grid", "papr")
+    assert code == 2 and "error: --grid: unknown grid 'papr'" in out
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,x")
+    assert code == 2 and "error: --seeds" in out
+    path = root / "src/magicseg/filter.py"
+    original = path.read_text()
+    path.write_text(original + "# an edit\n")
+    try:
+        code, out = _ablate("--grid", "tiny", "--seeds", "0")
+    finally:
+        path.write_text(original)
+    assert code == 2 and "uncommitted changes to src/magicseg/filter.py" in out
+    if (root / "metrics/ablations.json").exists():  # a cell whose overrides changed
+        monkeypatch.setitem(A.GRIDS, "tiny", {**TINY, "b": {"train.cf_weight": 0.25}})
+        code, out = _ablate("--grid", "tiny", "--seeds", "0,1", "--dry-run")
+        assert code == 2 and "other params (train.cf_weight: 0.5, the grid says 0.25)" in out
+
+
+@pytest.mark.slow
+def test_finished_experiments_of_an_earlier_commit_are_reused_while_the_code_is_the_same(
+    tiny_grid,
+):
+    root = tiny_grid
+    if not (root / "metrics/ablations.json").exists():
+        pytest.skip("needs the tiny grid's experiments (test_a_tiny_grid_through_the_dvc_queue)")
+    _run(["git", "add", "metrics", "plots"], root)
+    _run(["git", *GIT_ID, "commit", "-qm", "ablation results"], root)
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,1", "--dry-run")
+    assert code == 0 and "4 done" in out and "(commit " in out, out
+    # a change to a file a stage depends on: the earlier experiments no longer count
+    seeding = root / "src/magicseg/core/seeding.py"
+    seeding.write_text(seeding.read_text() + "# an edit\n")
+    _run(["git", *GIT_ID, "commit", "-qam", "edit the core"], root)
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,1", "--dry-run")
+    assert code == 0 and "4 to queue" in out, out
+    _run(["git", "revert", "--no-edit", "HEAD"], root)
+
+
+@pytest.mark.slow
+def test_a_failed_experiment_is_reported_with_its_log(tiny_grid, monkeypatch):
+    root = tiny_grid
+    bad = {"vocabulary.source": "file", "vocabulary.file": "/nonexistent/classes.txt"}
+    monkeypatch.setitem(A.GRIDS, "broken", {"bad": bad, "good": TINY["a"]})
+    out_file = root / "broken/ablations.json"
+    code, out = _ablate("--grid", "broken", "--seeds", "0", "--out", str(out_file),
+                        "--plots", str(root / "broken/plots"))  # fmt: skip
+    assert code == 2, out
+    assert "abl-broken-bad-s0: failed (dvc queue logs abl-broken-bad-s0)" in out
+    assert "error: vocabulary.file: /nonexistent/classes.txt does not exist" in out
+    assert "error: ablate: 1 experiment(s) did not finish (abl-broken-bad-s0)" in out
+    cells = json.loads(out_file.read_text())["grids"]["broken"]["cells"]
+    assert cells["bad"]["experiments"] == {} and cells["good"]["metrics"]["seen"]["n"] == 1
+
+
+@pytest.mark.slow
+def test_the_real_grids_plan_on_the_miniature_project(project):
+    code, out = _ablate("--grid", "all", "--seeds", "0,1,2", "--dry-run")
+    assert code == 0, out
+    # paper 8 cells, masks 4, sampling: K = 5, 25, 50, 100 below the trainable classes and all
+    # (the 252 classes of the vocabulary, which the trainer clamps): 17 cells x 3 seeds
+    assert "51 experiments (paper, masks, sampling x seeds 0,1,2)" in out
+    for line in (
+        "-n abl-paper-rich-hinge-head-s0 -S seed=0 -S prompts.style=rich "
+        "-S train.cf_loss=hinge_head -S train.cf_weight=0.5",
+        "-n abl-paper-plain-off-s2 -S seed=2 -S prompts.style=plain -S train.cf_weight=0.0",
+        "-n abl-masks-oracle-no-filter-s1 -S seed=1 -S label.backend=oracle "
+        "-S filter.enabled=false",
+        "-n abl-sampling-k-100-s0 -S seed=0 -S train.num_sampled=100",
+        "-n abl-sampling-k-all-s0 -S seed=0 -S train.num_sampled=252",
+    ):
+        assert f"dvc exp run --queue {line}\n" in out, line
+
+
+@pytest.mark.slow
+def test_num_sampled_50_as_written_and_above_the_trainable_classes(mini, tmp_path):
+    """The design card's `dvc exp run -S train.num_sampled=50`, as written, on the miniature
+    offline project (236 trainable classes: 50 scored per image); in a 40-class world (33
+    trainable) the trainer uses them all and says so in one warning line."""
+    from magicseg.core.vocabulary import build_vocabulary
+
+    clone = tmp_path / "clone"
+    _git_repo(clone, clone_of=mini)
+    out = _run(DVC + ["exp", "run", "-S", "train.num_sampled=50"], clone)
+    assert "Running stage 'train'" in out and "warning: train.num_sampled" not in out
+    assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["num_sampled"] == 50
+    train = json.loads((clone / "metrics/train.json").read_text())
+    assert train["num_sampled_effective"] == 50 and train["steps"] == MINI["train"]["steps"]
+
+    out = _run(DVC + ["exp", "run", "-S", "train.num_sampled=50", "-S", "vocabulary.limit=40"],
+               clone)  # fmt: skip
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    n = len(build_vocabulary(**params["vocabulary"], seed=params["seed"]).trainable)
+    assert n == 33
+    warnings = [line for line in out.splitlines() if "train.num_sampled" in line]
+    assert warnings == [
+        f"warning: train.num_sampled: 50 exceeds the {n} trainable classes; using {n}"
+    ]
+    assert json.loads((clone / "metrics/train.json").read_text())["num_sampled_effective"] == n
+    assert (clone / "models/model.pt").is_file()
