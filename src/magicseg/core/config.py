@@ -399,7 +399,7 @@ class TrainParams(Section):
     val_num_sampled: int | None = Field(None, ge=1)
     """Classes each validation image is scored against: its own first, then seeded random
     others; null = every vocabulary class (as ``evaluate`` does)."""
-    val_every: int = Field(100, ge=1)
+    val_every: int = Field(250, ge=1)
     """Steps between validation mIoU measurements (and always after the last step)."""
     device: str = "auto"
     logger: Literal["dvclive", "wandb", "none"] = "dvclive"
