@@ -134,3 +134,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP checkpoint (vision + text towers, tokenizer) built from configs."""
+    from tests.tiny_clip import tiny_clip_dir
+
+    return tiny_clip_dir(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="module")
+def clip_text(clip_dir):
+    """The CLIP text encoder of :func:`clip_dir`, one template."""
+    from magicseg.model import build_text_encoder
+
+    return build_text_encoder("clip", {"checkpoint": str(clip_dir), "templates": "single"})

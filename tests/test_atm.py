@@ -14,26 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.clip_helpers import first_batch, tiny_clip_params
-from tests.tiny_clip import tiny_clip_dir
 
 from magicseg.core.errors import ConfigError
 from magicseg.inference import predict
-from magicseg.model import build_model, build_text_encoder, load_checkpoint
+from magicseg.model import build_model, load_checkpoint
 from magicseg.model.atm import seg_loss_plus
 from magicseg.model.losses import IGNORE
 from magicseg.training.loop import model_config, train
 
 ATM = {"decoder": "atm", "deep_supervision": False, "loss_stride": 1}
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    return tiny_clip_dir(tmp_path_factory.mktemp("tiny-clip"))
-
-
-@pytest.fixture(scope="module")
-def clip_text(clip_dir):
-    return build_text_encoder("clip", {"checkpoint": str(clip_dir), "templates": "single"})
 
 
 def _model(clip_dir, text_dim, **clip):

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.clip_helpers import first_batch, tiny_clip_params
-from tests.tiny_clip import tiny_clip_dir
 
 from magicseg.core.config import params_to_dict
 from magicseg.core.errors import BackendError
@@ -28,16 +27,6 @@ from magicseg.training.data import augment_item
 from magicseg.training.loop import STATE, model_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    return tiny_clip_dir(tmp_path_factory.mktemp("tiny-clip"))
-
-
-@pytest.fixture(scope="module")
-def clip_text(clip_dir):
-    return build_text_encoder("clip", {"checkpoint": str(clip_dir), "templates": "single"})
 
 
 def _model(clip_dir, text_dim, **clip):
