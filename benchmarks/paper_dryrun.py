@@ -640,7 +640,7 @@ class _MemoryIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def read(self, i: int):
+    def read(self, i: int, counterfactual: bool = True):
         image, cf, mask = self.samples[i]
         return image, cf, mask.copy()
 

@@ -129,7 +129,7 @@ def offline_steps(ks: list[int], vocab_size: int, trainable: int, steps: int, ro
         def __len__(self) -> int:
             return n
 
-        def read(self, i: int):
+        def read(self, i: int, counterfactual: bool = True):
             return images[i], cfs[i], masks[i].copy()
 
     g = torch.Generator().manual_seed(0)

@@ -103,7 +103,7 @@ class InMemory:
     def __len__(self) -> int:
         return len(self.index)
 
-    def read(self, i: int):
+    def read(self, i: int, counterfactual: bool = True):
         image, cf, mask = self.samples[i]
         return image, cf, mask.copy()
 

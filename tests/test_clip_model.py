@@ -77,6 +77,21 @@ def test_text_encoder_averages_templates_and_caches(clip_dir):
     assert not torch.allclose(single.encode(["cat"])[0], got[0])
     enc._embed = None  # cached: a second call must not embed again
     assert torch.equal(enc.encode(["red ball"])[0], got[1])
+    assert enc.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert got.device.type == "cpu" and got.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_text_encoder_runs_on_the_gpu_and_matches_the_cpu(clip_dir):
+    from magicseg.model.clip import ClipTextEncoder
+
+    gpu = ClipTextEncoder(str(clip_dir))
+    cpu = ClipTextEncoder(str(clip_dir), device="cpu")
+    assert next(gpu.model.parameters()).is_cuda and not next(cpu.model.parameters()).is_cuda
+    a, b = gpu.encode(["cat", "red ball"]), cpu.encode(["cat", "red ball"])
+    assert a.device.type == "cpu"
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_missing_model_is_a_backend_error(tmp_path):

@@ -394,6 +394,39 @@ def test_train_without_validation_split_reports_none(tmp_path, tiny_data, tiny_e
     assert m["val_miou"] is None and m["num_params"] > 0
 
 
+def test_only_the_passed_counterfactuals_are_read(tiny_data):
+    """cf_fraction 0.5: the rows whose counterfactual the loss sees carry it, read from disk
+    (flipped with its positive); the others carry zeros, and their files are never opened."""
+    _, filter_dir, vocab = tiny_data
+    index = read_index(filter_dir, vocab)
+    params = tiny_train_params(cf_fraction=0.5)
+    items = TrainItems(index, BatchPlan(len(index), 4, 0), vocab.trainable, 5, params, 0)
+    opened: list[int] = []
+    real = index.read
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(index, name)
+
+        def read(self, i, counterfactual=True):
+            if counterfactual:
+                opened.append(i)
+            return real(i, counterfactual)
+
+    items.index = Spy()
+    rows = [items[j] for j in range(4)]
+    passed = [bool(x) for x in cf_rows(4, 0.5)]
+    assert [r["cf_row"] for r in rows] == passed and sum(passed) == 2
+    for j, r in enumerate(rows):
+        s = items.plan.sample(j)
+        if r["cf_row"]:
+            cf = torch.from_numpy(index.read(s)[1].copy()).permute(2, 0, 1).float() / 255
+            assert torch.equal(r["cf_image"], cf) or torch.equal(r["cf_image"], cf.flip(-1))
+        else:
+            assert not r["cf_image"].any()
+    assert opened == [items.plan.sample(j) for j in range(4) if passed[j]]
+
+
 def test_streamed_items_match_the_files(tiny_data):
     _, filter_dir, vocab = tiny_data
     index = read_index(filter_dir, vocab)

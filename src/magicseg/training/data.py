@@ -66,11 +66,15 @@ class PairIndex:
             num_classes=self.num_classes,
         )
 
-    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read(
+        self, i: int, counterfactual: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sample ``i`` from disk: (HxWx3 uint8 positive, HxWx3 uint8 counterfactual, HxW int64
-        mask with the ignore value mapped to ``IGNORE``)."""
+        mask with the ignore value mapped to ``IGNORE``). ``counterfactual=False``: the
+        counterfactual is not read (zeros in its place: rows whose counterfactual no loss sees,
+        validation)."""
         image = read_image(self.images[i])
-        cf = read_image(self.cf_images[i])
+        cf = read_image(self.cf_images[i]) if counterfactual else np.zeros_like(image)
         mask = read_mask(self.masks[i]).astype(np.int64)
         if mask.shape != image.shape[:2] or cf.shape != image.shape:
             raise DataError(
@@ -304,8 +308,9 @@ class TrainItems(torch.utils.data.Dataset):
         step, j = divmod(int(i), self.plan.batch_size)
         s = self.plan.sample(int(i))
         own = self.index.class_ids[s]
-        # 1. Read; 2. flip and sample classes (stream train.sample of (step, j)).
-        image, cf, mask = self.index.read(s)
+        # 1. Read (the counterfactual only where this row's is passed: cf_rows); 2. flip and
+        #    sample classes (stream train.sample of (step, j)).
+        image, cf, mask = self.index.read(s, counterfactual=bool(self.cf[j]))
         gen = rng(self.seed, "train.sample", step, j)
         if gen.random() < 0.5:
             image, cf, mask = image[:, ::-1], cf[:, ::-1], mask[:, ::-1]
@@ -347,7 +352,7 @@ class ValItems(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        image, _, mask = self.index.read(i)
+        image, _, mask = self.index.read(i, counterfactual=False)
         sampled: list[int] = []
         if self.k is not None:
             gen = rng(self.seed, "train.val_classes", self.index.ids[i])
