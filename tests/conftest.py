@@ -116,6 +116,7 @@ def tiny_train_params(**overrides):
         "num_threads": 1,
         "precision": "fp32",
         "cf_fraction": 1.0,
+        "cf_weight": 0.5,  # the counterfactual term on, so that the tests exercise it
         "offline": {"width": 8, "depth": 2, "embed_dim": 16},
     }
     return TrainParams.model_validate(base | overrides)

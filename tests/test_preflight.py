@@ -297,6 +297,7 @@ def test_devices_float16_on_a_cpu(tmp_path, key_env):
 
 def test_training_time_is_the_steps_flops_at_the_measured_rate(tmp_path, key_env):
     p = _paper(tmp_path)
+    p = p.model_copy(update={"train": p.train.model_copy(update={"cf_weight": 1.0})})
     shape = VitShape(hidden=8, intermediate=32, layers=2, patch=16)
     # crop 512, 10 prompts: N = 32*32 + 1 + 10 tokens; batch 16, x3 backward, x2 counterfactual
     n = 1024 + 1 + 10

@@ -361,7 +361,10 @@ class TrainParams(Section):
     """Classes scored per image: its own first, then random others (category random sampling).
     The offline default is 20% of the 204 trainable classes (the paper: 100 of 1203, 8%); more
     than the trainable classes uses them all (with a one-line warning)."""
-    cf_weight: float = Field(0.5, ge=0)
+    cf_weight: float = Field(0.0, ge=0)
+    """Weight of the counterfactual loss (``cf_loss``); 0 = off. Off in the offline default:
+    over 3 seeds it neither helped nor hurt there (see the README's Ablations), and it costs
+    the counterfactual pass; the paper profile uses 1 (``hinge_head``)."""
     cf_loss: Literal["hinge_head", "hinge_pixels", "cf_background", "text_margin"] = "cf_background"
     """Form of the counterfactual loss (see :mod:`magicseg.model.losses` and the README; the
     literal pixel-feature hinge can fight the pixel objective). ``cf_background`` and

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from magicseg.core.devices import resolve_device
 from magicseg.core.errors import BackendError, ConfigError
 from magicseg.model.base import SegmenterOutput
 from magicseg.model.losses import hinge_cos, parts, text_margin
@@ -587,9 +588,7 @@ class ClipTextEncoder:
             )
         else:
             self.model = _load(AutoModel, source, "train.clip.checkpoint")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(None if device is None else str(device), "train.device")
         self.model.eval().requires_grad_(False).to(self.device)
         self.templates = tuple(templates)
         self.batch_size = batch_size
