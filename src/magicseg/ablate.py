@@ -42,7 +42,7 @@ import yaml
 
 from magicseg.core.config import parse_params
 from magicseg.core.errors import ConfigError, DataError
-from magicseg.core.io import atomic_path, write_json
+from magicseg.core.io import atomic_path
 
 # --------------------------------------------------------------------------------------------
 # the grids
@@ -785,7 +785,8 @@ def write_results(results: dict[str, dict], out: Path, table: Path, plots: Path)
             raise DataError(f"{out}: not valid JSON (move it away and run again)") from None
     data.setdefault("grids", {}).update(results)
     data["grids"] = {k: data["grids"][k] for k in sorted(data["grids"])}
-    write_json(out, data)
+    with atomic_path(out) as tmp:  # keys unsorted: the grids' cell and effect order is the table's
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
     with atomic_path(table) as tmp:
         tmp.write_text(markdown(data))
     for name, g in data["grids"].items():
