@@ -92,6 +92,7 @@ def project(tmp_path_factory) -> Project:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run(DVC + ["init", "-q"], root)
+    shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")  # the project's, over dvc init's
     _run(DVC + ["config", "core.analytics", "false"], root)
     _run(DVC + ["config", "core.check_update", "false"], root)
     _run(["git", "add", "-A"], root)
@@ -160,6 +161,14 @@ def test_editing_the_core_marks_every_stage(project):
     finally:
         path.write_text(original)
     assert _changed(project.root) == set()
+    # bytecode Python writes beside the code (the source mtime inside) is not code: .dvcignore
+    pyc = project.root / "src/magicseg/core/__pycache__/seeding.cpython-311.pyc"
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(b"bytecode")
+    try:
+        assert _changed(project.root) == set()
+    finally:
+        pyc.unlink()
 
 
 @pytest.mark.slow
