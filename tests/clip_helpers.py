@@ -73,6 +73,34 @@ def first_batch(tiny_data, encoder, params, seed: int = 0, step: int = 0, augmen
     return batch_at(items, step, encoder.encode(list(vocab.names)))
 
 
+def train_two_processes(filter_dir, vocab_dir, out, params, text_dir=None, timeout=300) -> dict:
+    """Run this file under ``torch.distributed.run`` with 2 gloo processes (one thread each, a
+    free rendezvous port): the train loop on ``params`` writing to ``out/two``; returns its
+    ``{"history", "metrics"}`` (``out/h.json``). ``text_dir``: a text-encoder directory for
+    the offline model (none: the CLIP text tower of ``params``)."""
+    import os
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    from magicseg.core.config import params_to_dict
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{root / 'src'}:{root}", OMP_NUM_THREADS="1")
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", port, str(root / "tests/clip_helpers.py"), str(filter_dir),
+        str(vocab_dir), str(Path(out) / "two"), json.dumps(params_to_dict(params)),
+        str(Path(out) / "h.json"), *([str(text_dir)] if text_dir else []),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((Path(out) / "h.json").read_text())
+
+
 def main(argv: list[str]) -> None:
     import os
 

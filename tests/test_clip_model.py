@@ -5,20 +5,14 @@ through the real loading path."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.clip_helpers import first_batch, tiny_clip_params
+from tests.clip_helpers import first_batch, tiny_clip_params, train_two_processes
 
-from magicseg.core.config import params_to_dict
 from magicseg.core.errors import BackendError
 from magicseg.model import build_model, build_text_encoder, load_checkpoint
 from magicseg.model.clip import ZEGCLIP_TEMPLATES, clip_loss, focal_dice_loss
@@ -242,19 +236,7 @@ def test_two_cpu_processes_match_one(tmp_path, tiny_data, clip_text, clip_dir):
     params = tiny_clip_params(clip_dir, steps=3, clip={"templates": "single"})
     one: list[float] = []
     train(filter_dir, vocab_dir, params, 0, tmp_path / "one", None, None, clip_text, history=one)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}", OMP_NUM_THREADS="1")
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", port, str(ROOT / "tests/clip_helpers.py"), str(filter_dir),
-        str(vocab_dir), str(tmp_path / "two"), json.dumps(params_to_dict(params)),
-        str(tmp_path / "h.json"),
-    ]  # fmt: skip
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    two = json.loads((tmp_path / "h.json").read_text())
+    two = train_two_processes(filter_dir, vocab_dir, tmp_path, params, timeout=120)
     assert two["metrics"]["processes"] == 2
     np.testing.assert_allclose(two["history"], one, rtol=1e-5)
     a = torch.load(tmp_path / "one/model.pt", weights_only=True)["state_dict"]

@@ -439,7 +439,7 @@ def test_streamed_items_match_the_files(tiny_data):
     "over",
     [
         {"cf_loss": "hinge_head"},
-        {"cf_loss": "cf_background", "precision": "bf16", "cf_fraction": 0.5},  # the default
+        {"cf_loss": "cf_background", "precision": "bf16", "cf_fraction": 0.5},  # default levers
     ],
 )
 def test_two_cpu_processes_match_one_for_the_offline_model(
@@ -447,33 +447,14 @@ def test_two_cpu_processes_match_one_for_the_offline_model(
 ):
     """torch.distributed.run, 2 gloo processes x 2 images = 1 process x 4 images: the same
     losses and the same model (BatchNorm statistics over both processes' images)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.clip_helpers import train_two_processes
 
-    from magicseg.core.config import params_to_dict
-
-    root = Path(__file__).resolve().parents[1]
     vocab_dir, filter_dir, _ = tiny_data
     params = tiny_train_params(steps=3, cf_weight=0.5, logger="none", **over)
     one: list[float] = []
     m1 = train(filter_dir, vocab_dir, params, 0, tmp_path / "one", None, None, tiny_encoder,
                history=one)  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=f"{root / 'src'}:{root}", OMP_NUM_THREADS="1")
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", port, str(root / "tests/clip_helpers.py"), str(filter_dir),
-        str(vocab_dir), str(tmp_path / "two"), json.dumps(params_to_dict(params)),
-        str(tmp_path / "h.json"), str(tiny_text_dir),
-    ]  # fmt: skip
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    two = json.loads((tmp_path / "h.json").read_text())
+    two = train_two_processes(filter_dir, vocab_dir, tmp_path, params, tiny_text_dir)
     assert two["metrics"]["processes"] == 2
     # fp32: to float rounding; bf16 (8-bit mantissa: relative rounding 2**-8 = 0.4%) rounds each
     # process's half of the batch on its own, and the optimiser turns those last-bit
