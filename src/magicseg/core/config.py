@@ -465,9 +465,11 @@ class EvaluateParams(Section):
     bg_threshold: float | None = Field(None, ge=0.0, le=1.0)
     """Background wherever no class reaches this probability; null = the model's background
     class."""
-    templates: tuple[str, ...] = ("{}",)
-    """Real datasets: class-name prompt templates ("a photo of a {}."), text features
-    averaged."""
+    templates: tuple[str, ...] | None = None
+    """Real datasets: class-name prompt templates ("a photo of a {}"), text features averaged;
+    they replace the checkpoint's text encoder's own templates (never wrap them); null = the
+    encoder's own (clip: its training templates, train.clip.templates; minilm: the bare
+    name)."""
     voc: RealDatasetParams = RealDatasetParams()
     context: RealDatasetParams = RealDatasetParams()
     coco_object: RealDatasetParams = RealDatasetParams()
@@ -475,7 +477,9 @@ class EvaluateParams(Section):
 
     @model_validator(mode="after")
     def _check_templates(self):
-        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+        if self.templates is not None and (
+            not self.templates or any(t.count("{}") != 1 for t in self.templates)
+        ):
             raise ValueError("templates: give one or more strings, each with exactly one {}")
         return self
 

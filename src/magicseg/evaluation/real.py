@@ -2,7 +2,8 @@
 
 The protocol of the annotation-free open-vocabulary segmentation literature, with the knobs
 of ``params.evaluate``: short side resized to ``short_side``, sliding ``window``/``stride``
-(:mod:`magicseg.inference`), class names filled into ``templates``, background from the model's
+(:mod:`magicseg.inference`), the bare class names encoded by the model's text encoder (its
+own templates, or ``templates`` instead of them), background from the model's
 background class or, with ``bg_threshold``, wherever no class reaches that probability (see
 :mod:`magicseg.evaluation.segmenters` for the trained model and the Grounded-SAM baseline).
 

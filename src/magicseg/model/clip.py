@@ -593,7 +593,7 @@ class ClipTextEncoder:
         self.templates = tuple(templates)
         self.batch_size = batch_size
         self.dim = int(self._embed(["x"]).shape[-1])
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[tuple[tuple[str, ...], str], torch.Tensor] = {}
 
     @torch.no_grad()
     def _embed(self, texts: list[str]) -> torch.Tensor:
@@ -610,17 +610,20 @@ class ClipTextEncoder:
         return F.normalize(out.float(), dim=-1).cpu()
 
     @torch.no_grad()
-    def encode(self, names: Sequence[str]) -> torch.Tensor:
-        """``len(names) x dim`` float32, L2-normalised template-averaged embeddings."""
-        todo = [n for n in dict.fromkeys(names) if n not in self._cache]
-        t = len(self.templates)
+    def encode(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """Bare class names -> ``len(names) x dim`` float32, L2-normalised template-averaged
+        embeddings; ``templates`` (each with one ``{}``) replace ``self.templates`` for this
+        call (each name is filled into each template once, never into a template twice)."""
+        tpls = self.templates if templates is None else tuple(templates)
+        todo = [n for n in dict.fromkeys(names) if (tpls, n) not in self._cache]
+        t = len(tpls)
         per = max(1, self.batch_size // t)
         for start in range(0, len(todo), per):
             chunk = todo[start : start + per]
-            texts = [tpl.format(n) for n in chunk for tpl in self.templates]
+            texts = [tpl.format(n) for n in chunk for tpl in tpls]
             emb = self._embed(texts).view(len(chunk), t, -1).mean(1)
             for n, v in zip(chunk, F.normalize(emb, dim=-1), strict=True):
-                self._cache[n] = v
+                self._cache[(tpls, n)] = v
         if not names:
             return torch.zeros(0, self.dim)
-        return torch.stack([self._cache[n] for n in names])
+        return torch.stack([self._cache[(tpls, n)] for n in names])
