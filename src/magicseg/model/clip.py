@@ -138,7 +138,8 @@ class PromptedViT(nn.Module):
     ``style: zegclip`` reproduces the rest of the published ``VPTCLIPVisionTransformer``:
 
     - every layer's prompts pass through one shared trainable Linear (Kaiming-normal weight,
-      fan-out) and dropout 0.1 before insertion;
+      fan-out), are expanded over the batch and then pass dropout 0.1 (one mask per image)
+      before insertion;
     - a trainable LayerNorm (eps 1e-6) on all tokens of the last layer, before the post-LN;
     - positions: the pretrained grid bilinearly resized to ``resolution / patch`` (the
       published ``input_resolution``, here ``train.clip.resolution``), then to the image's grid
@@ -227,7 +228,7 @@ class PromptedViT(nn.Module):
         p = self.vpt_tokens
         # 2. Frozen layers, fresh prompts at each (deep VPT).
         for i, layer in enumerate(self.vision.encoder.layers):
-            prompts = self._prompts(i, x.dtype).unsqueeze(0).expand(b, -1, -1)
+            prompts = self._prompts(i, b, x.dtype)
             if i == 0:
                 x = torch.cat([x[:, :lead], prompts, x[:, lead:]], dim=1)
             else:
@@ -250,12 +251,14 @@ class PromptedViT(nn.Module):
         grid = patches.transpose(1, 2).reshape(b, self.width, h // self.patch, w // self.patch)
         return glob, grid
 
-    def _prompts(self, i: int, dtype: torch.dtype) -> torch.Tensor:
-        """Layer ``i``'s PxC prompt tokens (zegclip: projected, dropout)."""
-        prompts = self.prompts[i]
+    def _prompts(self, i: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Layer ``i``'s BxPxC prompt tokens (zegclip: projected, expanded over the batch and
+        then dropped out, one dropout mask per image, as the published encoder does)."""
+        prompts = self.prompts[i].unsqueeze(0)
         if self.style == "zegclip":
-            prompts = self.prompt_dropout(self.prompt_proj(prompts))
-        return prompts.to(dtype)
+            prompts = self.prompt_dropout(self.prompt_proj(prompts).expand(b, -1, -1))
+            return prompts.to(dtype)
+        return prompts.expand(b, -1, -1).to(dtype)
 
     def _zegclip_embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised Bx3xHxW -> Bx(1+N)xC token embeddings as the published backbone makes
