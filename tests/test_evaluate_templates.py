@@ -146,4 +146,8 @@ def test_evaluate_stage_never_wraps_a_template_in_a_template(stage_run):
     # each VOC class exactly once, with the profile's one test template
     for name in ("aeroplane", "dining table", "person"):
         assert seen.count(f"a photo of a {name}") == 1, name
-        assert not any(s.endswith(f" {name}.") and s.startswith("a photo of a ") for s in seen)
+    # Context (protocol pc60_text): 60 text classes, "background" one of them, each once with
+    # each of the 15 templates
+    assert params["evaluate"]["context"]["protocol"] == "pc60_text"
+    for name in ("background", "aeroplane", "wall"):
+        assert [seen.count(t.format(name)) for t in ZEGCLIP_TEMPLATES] == [1] * 15, name

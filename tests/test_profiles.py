@@ -232,6 +232,60 @@ def test_prompts_stage_follows_cf_rewrite(tmp_path):
     assert (lit["cf_prompt"] != ours["cf_prompt"]).any()
 
 
+class _Recorder:
+    """A prompt writer that records its requests and names each class as asked, or (for
+    ``bare``) by its display form."""
+
+    name = "recorder"
+
+    def __init__(self, bare: bool = False) -> None:
+        self.requests: list = []
+        self.bare = bare
+
+    def write(self, requests):
+        from magicseg.core.vocabulary import display_name
+
+        self.requests += list(requests)
+        out = []
+        for req in requests:
+            names = [display_name(c) if self.bare else c for c in req.classes]
+            out.append([f"a {' and a '.join(names)} on a table"] * req.n)
+        return out
+
+
+@pytest.mark.parametrize("bare", [False, True])
+def test_full_class_names_reach_the_request_the_rewrite_and_the_caption(tmp_path, bare):
+    """``prompts.class_names: full`` (the paper profile): the LLM request, the manifest's
+    class_names (the detector's caption) and the "nothing" rewrite use the full LVIS name; a
+    description naming only the display form is kept and rewritten too."""
+    from magicseg.core.vocabulary import display_name
+    from magicseg.prompts.parsing import request_messages
+
+    vocab = build_vocabulary("lvis")
+    assert composed("paper")["prompts.class_names"] == "full"
+    assert Params().prompts.class_names == "display"
+    full = [n for n in vocab.names if "(" in n]
+    assert len(full) == 108  # of the 1203 LVIS names, these lose "(...)" as display names
+    params = Params().prompts.model_copy(
+        update={"requests": 1203, "per_request": 1, "class_names": "full", "cf_rewrite": "literal"}
+    )
+    writer = _Recorder(bare)
+    frame = run_prompts(vocab, params, 0, tmp_path / "full", writer=writer)
+    asked = {c for r in writer.requests for c in r.classes}
+    assert set(full) <= asked and len(frame) == 1203
+    yoke = next(r for r in writer.requests if "yoke (animal equipment)" in r.classes)
+    assert "yoke (animal equipment)" in request_messages(yoke.classes, 1)[-1]["content"]
+    for row in frame.itertuples():
+        assert [vocab.names[i - 1] for i in row.class_ids] == list(row.class_names)
+        for c in row.class_names:
+            assert display_name(c).lower() not in row.cf_prompt.lower(), row.cf_prompt
+    assert frame["cf_prompt"].str.contains("nothing").all()
+    # display names (the offline default): the parenthesised part never reaches a prompt
+    params = params.model_copy(update={"class_names": "display", "requests": 40})
+    frame = run_prompts(vocab, params, 0, tmp_path / "display", writer=_Recorder())
+    assert not frame["class_names"].map(lambda ns: any("(" in n for n in ns)).any()
+
+
 def test_unknown_cf_rewrite_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"prompts\.cf_rewrite"):
         parse_params({"prompts": {"cf_rewrite": "regex"}})

@@ -42,6 +42,7 @@ from torch import nn
 
 from magicseg.core.devices import resolve_device
 from magicseg.core.errors import BackendError, ConfigError
+from magicseg.core.templates import ZEGCLIP_TEMPLATES
 from magicseg.model.base import SegmenterOutput
 from magicseg.model.losses import hinge_cos, parts, text_margin
 
@@ -57,23 +58,6 @@ LOSS_STRIDE = 4
 VPT_DROPOUT = 0.1
 """Dropout on the projected prompts of ``vpt_style: zegclip`` (the published backbone's)."""
 
-ZEGCLIP_TEMPLATES = (
-    "a photo of a {}.",
-    "a photo of a small {}.",
-    "a photo of a medium {}.",
-    "a photo of a large {}.",
-    "This is a photo of a {}.",
-    "This is a photo of a small {}.",
-    "This is a photo of a medium {}.",
-    "This is a photo of a large {}.",
-    "a {} in the scene.",
-    "a photo of a {} in the scene.",
-    "There is a {} in the scene.",
-    "There is the {} in the scene.",
-    "This is a {} in the scene.",
-    "This is the {} in the scene.",
-    "This is one {} in the scene.",
-)
 TEMPLATES = {"zegclip15": ZEGCLIP_TEMPLATES, "single": ("a photo of a {}.",)}
 
 
@@ -151,7 +135,7 @@ class PromptedViT(nn.Module):
     ``imagenet`` with ImageNet's (the published ``img_norm_cfg``).
 
     The published ``drop_path_rate: 0.1`` is not reproduced: its blocks build DropPath modules
-    that their forward never calls (upstream ZegCLIP ``models/backbone/utils.py``), so the
+    that their forward never calls (the published ``models/backbone/utils.py``), so the
     published backbone has no stochastic depth either.
     """
 
