@@ -25,6 +25,28 @@ from magicseg.training.loop import model_config, train
 ATM = {"decoder": "atm", "deep_supervision": False, "loss_stride": 1}
 
 
+def test_zegclip_prompt_dropout_draws_one_mask_per_image(clip_dir, clip_text):
+    """The published encoder expands the projected prompts over the batch, then drops out:
+    each image its own mask (not one mask shared by the batch, positives and counterfactuals
+    alike)."""
+    zeg, _ = _model(clip_dir, clip_text.dim, vpt_style="zegclip")
+    zeg.train()
+    torch.manual_seed(1)
+    prompts = zeg.encoder._prompts(0, 4, torch.float32)
+    assert prompts.shape == (4, zeg.encoder.vpt_tokens, zeg.encoder.width)
+    dropped = prompts == 0
+    assert 0.02 < dropped.float().mean() < 0.3  # dropout 0.1
+    assert not all(torch.equal(dropped[0], dropped[i]) for i in range(1, 4))
+    # the same image twice in one batch: different masks, different embeddings
+    image = torch.rand(1, 3, 32, 32)
+    glob = zeg.embed_images(image.expand(2, -1, -1, -1))
+    assert not torch.allclose(glob[0], glob[1])
+    zeg.eval()
+    with torch.no_grad():
+        glob = zeg.embed_images(image.expand(2, -1, -1, -1))
+    assert torch.allclose(glob[0], glob[1], atol=1e-6)
+
+
 def _model(clip_dir, text_dim, **clip):
     params = tiny_clip_params(clip_dir, clip=ATM | clip)
     torch.manual_seed(0)

@@ -215,9 +215,11 @@ class Oracle:
         self.labels = {s.image.tobytes(): s.label for s in dataset}
         self.blank = blank
         self.names = None
+        self.templates = None
 
-    def set_classes(self, names):
+    def set_classes(self, names, templates=None):
         self.names = list(names)
+        self.templates = templates
 
     def segment(self, images):
         out = []
@@ -267,6 +269,48 @@ def test_context_variants_score_59_and_60_classes(tmp_path):
     assert cms["context"].matrix[0].sum() == 0  # background ignored in the 59-class variant
     assert cms["context60"].matrix[0, 0] > 0
     assert cms["context"].num_classes == 60
+
+
+def test_context_pc60_text_scores_background_as_a_text_class(tmp_path):
+    """``evaluate.context.protocol: pc60_text``: "background" is the first of 60 text
+    classes, encoded with the 15 ZegCLIP templates, and every labelled pixel is scored."""
+    from magicseg.core.config import EvaluateParams
+    from magicseg.core.templates import ZEGCLIP_TEMPLATES
+    from magicseg.evaluation.real import open_enabled
+
+    ctx, labels = make_context(tmp_path)
+    params = EvaluateParams(context={"enabled": True, "root": str(ctx), "protocol": "pc60_text"})
+    ds = open_enabled(params)["context"]
+    assert ds.names[0] == "background" and len(ds.names) == 60
+    assert ds.variants == {"context60_text": False}
+    samples = list(ds)
+    for sample, raw in zip(samples, labels, strict=True):
+        assert (sample.label == raw.astype(np.int64) + 1).all()  # background 0 -> text class 1
+    oracle = Oracle(ds)
+    m = score_real_datasets({"context": ds}, oracle, "oracle", per_class_dir=tmp_path / "pc")
+    assert oracle.templates == ZEGCLIP_TEMPLATES and oracle.names[0] == "background"
+    assert set(m) == {"context60_text"} and m["context60_text"]["miou"] == 1.0
+    rows = list(csv.DictReader(open(tmp_path / "pc/context60_text.csv")))
+    assert rows[0]["class"] == "background"  # scored as a class like the others
+    # a model that says "background" (text class 1) everywhere: IoU of that class only
+    blank = score_real_datasets({"context": ds}, BackgroundText(ds), "bg")
+    bg = np.concatenate([lb.ravel() for lb in labels]) == 0
+    assert blank["context60_text"]["pixel_acc"] == pytest.approx(round(bg.mean(), 4))
+    # pc59 (the default) keeps both classic variants and evaluate.templates
+    pc59 = open_enabled(EvaluateParams(context={"enabled": True, "root": str(ctx)}))["context"]
+    assert pc59.variants == {"context": False, "context60": True} and pc59.templates is None
+    from magicseg.core.config import parse_params
+    from magicseg.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"evaluate\.context\.protocol"):
+        parse_params({"evaluate": {"context": {"protocol": "pc60"}}})
+
+
+class BackgroundText(Oracle):
+    """Predicts text class 1 ("background" under pc60_text) everywhere."""
+
+    def segment(self, images):
+        return [(torch.ones(im.shape[:2], dtype=torch.int64),) * 2 for im in images]
 
 
 def test_checkpoint_on_voc_through_run_evaluate(tmp_path, tiny_encoder, tiny_data):

@@ -18,7 +18,7 @@ import torch
 from tests.tiny_grounded_sam import bert_tokenizer, save_grounded_sam
 
 from magicseg.core.config import GroundedSamParams, LabelParams
-from magicseg.core.errors import BackendError
+from magicseg.core.errors import BackendError, ConfigError
 from magicseg.core.io import read_manifest, read_mask, write_image, write_manifest
 from magicseg.label import LABELERS, run_label
 from magicseg.label.base import LabelInput
@@ -98,6 +98,25 @@ def test_match_classes_picks_the_class_whose_tokens_fired():
     cls, score = match_classes(probs, spans, box_threshold=0.3, text_threshold=0.25)
     assert cls.tolist() == [0, 1, -1, -1, -1]
     assert score[:2] == pytest.approx([0.9, 0.8])
+
+
+def test_match_classes_all_tokens_is_the_published_box_filter():
+    """``box_score: all``: a box is kept when any caption token (separators, [CLS] too) passes
+    the box threshold, as the published ``get_grounding_output``; its class is still the one
+    whose tokens score highest."""
+    spans = [(1, 3), (4, 5)]
+    probs = np.full((4, 7), 0.01, np.float32)
+    probs[0, 2] = 0.9  # "bus" -> class 0 either way
+    probs[1, 3] = 0.95  # the "." separator only: kept, class of the best class token
+    probs[1, 4] = 0.05  # owl a little above bus
+    probs[2, 4] = 0.28  # below the box threshold on every token -> dropped either way
+    probs[3, 0] = 0.99  # [CLS] only: kept
+    cls, score = match_classes(probs, spans, 0.3, 0.25, box_score="all")
+    assert cls.tolist() == [0, 1, -1, 0]
+    assert score[:2] == pytest.approx([0.9, 0.05])
+    assert match_classes(probs, spans, 0.3, 0.25)[0].tolist() == [0, -1, -1, -1]
+    with pytest.raises(ConfigError, match="label.grounded_sam.box_score"):
+        match_classes(probs, spans, 0.3, 0.25, box_score="any")
 
 
 def test_per_class_nms_keeps_overlaps_of_different_classes():

@@ -252,7 +252,8 @@ def test_published_generation_switches_reach_the_files(paper):
 def test_every_enabled_benchmark_has_its_metrics(paper):
     metrics = json.loads((paper.root / "metrics/eval.json").read_text())
     params = yaml.safe_load((paper.root / "params.yaml").read_text())["evaluate"]
-    expected = {"voc": ("voc", "voc20"), "context": ("context", "context60"),
+    context = {"pc59": ("context", "context60"), "pc60_text": ("context60_text",)}
+    expected = {"voc": ("voc", "voc20"), "context": context[params["context"]["protocol"]],
                 "coco_object": ("coco_object",), "lvis": ("lvis",)}  # fmt: skip
     images = {"voc": 3, "context": 2, "coco_object": 2}
     enabled = [n for n in expected if params[n]["enabled"]]

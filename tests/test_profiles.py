@@ -175,6 +175,32 @@ def test_paper_and_magicseg_differ_exactly_by_the_tables_rows():
     } <= differ
 
 
+def test_table_covers_the_published_code_read_line_by_line():
+    """The rows issue 24 found missing or wrong: each present with its key and the published
+    value on the paper profile, and the wrong claims gone."""
+    want = {
+        "classes per request": ("prompts.two_class_fraction", 0.5),
+        "class names": ("prompts.class_names", "full"),
+        "precision": ("label.grounded_sam.dtype", "float32"),
+        "box filter": ("label.grounded_sam.box_score", "all"),
+        "PASCAL Context protocol": ("evaluate.context.protocol", "pc60_text"),
+        "test text features": ("evaluate.templates", ["a photo of a {}"]),
+    }
+    paper = composed("paper")
+    for aspect, (key, value) in want.items():
+        assert any(r["aspect"] == aspect and key in r["keys"] for r in table_rows()), (
+            f"no row {aspect!r} with {key}"
+        )
+        assert _same(paper[key], value), (key, paper[key])
+    section = (ROOT / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
+    assert "random.randint(1, 2)" in section and "index prefix" in section
+    assert "one dropout mask per image" in section
+    assert "`min_size` overrides" in section and "ours does not cap" not in section
+    for wrong in ("which it does not define", "is not defined in the published script",
+                  "copy of `utils.py` is not published"):  # fmt: skip
+        assert wrong not in section, wrong
+
+
 def test_magicseg_profile_file_composes_paper_first():
     text = (ROOT / "conf/profile/magicseg.yaml").read_text()
     data = yaml.safe_load(text)
@@ -230,6 +256,60 @@ def test_prompts_stage_follows_cf_rewrite(tmp_path):
         assert row.cf_prompt == make_counterfactual(row.prompt, list(row.class_names))
     # the template writer's articles ("a red ball") stay in the literal form only
     assert (lit["cf_prompt"] != ours["cf_prompt"]).any()
+
+
+class _Recorder:
+    """A prompt writer that records its requests and names each class as asked, or (for
+    ``bare``) by its display form."""
+
+    name = "recorder"
+
+    def __init__(self, bare: bool = False) -> None:
+        self.requests: list = []
+        self.bare = bare
+
+    def write(self, requests):
+        from magicseg.core.vocabulary import display_name
+
+        self.requests += list(requests)
+        out = []
+        for req in requests:
+            names = [display_name(c) if self.bare else c for c in req.classes]
+            out.append([f"a {' and a '.join(names)} on a table"] * req.n)
+        return out
+
+
+@pytest.mark.parametrize("bare", [False, True])
+def test_full_class_names_reach_the_request_the_rewrite_and_the_caption(tmp_path, bare):
+    """``prompts.class_names: full`` (the paper profile): the LLM request, the manifest's
+    class_names (the detector's caption) and the "nothing" rewrite use the full LVIS name; a
+    description naming only the display form is kept and rewritten too."""
+    from magicseg.core.vocabulary import display_name
+    from magicseg.prompts.parsing import request_messages
+
+    vocab = build_vocabulary("lvis")
+    assert composed("paper")["prompts.class_names"] == "full"
+    assert Params().prompts.class_names == "display"
+    full = [n for n in vocab.names if "(" in n]
+    assert len(full) == 108  # of the 1203 LVIS names, these lose "(...)" as display names
+    params = Params().prompts.model_copy(
+        update={"requests": 1203, "per_request": 1, "class_names": "full", "cf_rewrite": "literal"}
+    )
+    writer = _Recorder(bare)
+    frame = run_prompts(vocab, params, 0, tmp_path / "full", writer=writer)
+    asked = {c for r in writer.requests for c in r.classes}
+    assert set(full) <= asked and len(frame) == 1203
+    yoke = next(r for r in writer.requests if "yoke (animal equipment)" in r.classes)
+    assert "yoke (animal equipment)" in request_messages(yoke.classes, 1)[-1]["content"]
+    for row in frame.itertuples():
+        assert [vocab.names[i - 1] for i in row.class_ids] == list(row.class_names)
+        for c in row.class_names:
+            assert display_name(c).lower() not in row.cf_prompt.lower(), row.cf_prompt
+    assert frame["cf_prompt"].str.contains("nothing").all()
+    # display names (the offline default): the parenthesised part never reaches a prompt
+    params = params.model_copy(update={"class_names": "display", "requests": 40})
+    frame = run_prompts(vocab, params, 0, tmp_path / "display", writer=_Recorder())
+    assert not frame["class_names"].map(lambda ns: any("(" in n for n in ns)).any()
 
 
 def test_unknown_cf_rewrite_refused_naming_the_key():

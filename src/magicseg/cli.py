@@ -39,7 +39,11 @@ def predict(
     ] = None,
     stride: Annotated[int | None, typer.Option(help="Sliding-window stride.")] = None,
     template: Annotated[
-        list[str] | None, typer.Option(help='Prompt template, repeatable: "a photo of a {}."')
+        list[str] | None,
+        typer.Option(
+            help='Prompt template, repeatable: "a photo of a {}."; replaces the text '
+            "encoder's own templates (default: the model's training templates)"
+        ),
     ] = None,
 ) -> None:
     """Segment IMAGES into CLASSES: writes <out>/<name>.mask.png (class indices: 0 =
@@ -59,8 +63,8 @@ def predict(
         raise ConfigError("--classes: give at least one class name")
     if len(set(names)) != len(names):
         raise ConfigError("--classes: duplicate class names")
-    templates = tuple(template or ("{}",))
-    if any(t.count("{}") != 1 for t in templates):
+    templates = tuple(template) if template else None
+    if templates and any(t.count("{}") != 1 for t in templates):
         raise ConfigError("--template: each template needs exactly one {}")
     paths = expand_inputs(images)
 

@@ -141,17 +141,21 @@ class Predictor:
         self.names: list[str] = []
         self._features: torch.Tensor | None = None
 
-    def set_classes(self, names: Sequence[str], templates: Sequence[str] = ("{}",)) -> None:
-        """Encode the class names once (KxT text features); with several ``templates``
-        ("a photo of a {}."), a class's features are the normalised mean over its templates."""
+    def set_classes(self, names: Sequence[str], templates: Sequence[str] | None = None) -> None:
+        """Encode the bare class names once (KxT text features) with the checkpoint's text
+        encoder, which fills them into its own templates (the clip encoder: its training
+        templates); ``templates`` ("a photo of a {}."), when given, replace the encoder's own
+        (a class's features: the normalised mean over them), never wrap them."""
         names = [n.strip() for n in names if n.strip()]
         if not names:
             raise DataError("no class names given")
         self.names = names
-        encode = self.ckpt.text_encoder.encode
-        feats = [encode([t.format(n) for n in names]).float() for t in templates]
-        mean = feats[0] if len(feats) == 1 else F.normalize(torch.stack(feats).mean(0), dim=-1)
-        self._features = mean.to(self.device)
+        encoder = self.ckpt.text_encoder
+        if templates is None:
+            feats = encoder.encode(names)
+        else:
+            feats = encoder.encode(names, templates=tuple(templates))
+        self._features = feats.float().to(self.device)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
@@ -185,7 +189,7 @@ class SlidingPredictor:
         window: int | None = None,
         stride: int | None = None,
         bg_threshold: float | None = None,
-        templates: Sequence[str] = ("{}",),
+        templates: Sequence[str] | None = None,
         batch_size: int = 1,
     ) -> None:
         self.predictor = predictor
@@ -193,11 +197,12 @@ class SlidingPredictor:
         self.window = window
         self.stride = stride
         self.bg_threshold = bg_threshold
-        self.templates = tuple(templates)
+        self.templates = None if templates is None else tuple(templates)
         self.batch_size = batch_size
 
-    def set_classes(self, names: Sequence[str]) -> None:
-        self.predictor.set_classes(names, self.templates)
+    def set_classes(self, names: Sequence[str], templates: Sequence[str] | None = None) -> None:
+        """Bare names; ``templates`` (else this runner's, else the text encoder's own)."""
+        self.predictor.set_classes(names, self.templates if templates is None else templates)
 
     def logits(self, images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
         """B HWC uint8 images of one size -> Bx(1+K)xhxw logits at the resized (short side)
@@ -274,7 +279,7 @@ def predict(
     window: int | None = None,
     stride: int | None = None,
     bg_threshold: float | None = None,
-    templates: Sequence[str] = ("{}",),
+    templates: Sequence[str] | None = None,
     device: str | None = None,
     text_encoder=None,
 ) -> list[np.ndarray]:
@@ -285,8 +290,9 @@ def predict(
     :func:`expand_inputs`, masks in that order). ``classes``: names or "a,b,c".
     ``checkpoint``: a ``model.pt`` of any trained model, or a loaded
     :class:`magicseg.model.Checkpoint`. ``short_side``/``window``/``stride``: the sliding-window
-    protocol for large images (None: the whole image at once). ``device``: default CUDA when
-    available.
+    protocol for large images (None: the whole image at once). ``templates``: None = the
+    checkpoint's text encoder's own (the clip model: its training templates), else they replace
+    them. ``device``: default CUDA when available.
     """
     # 1. Inputs, checked before the model is loaded.
     names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes)

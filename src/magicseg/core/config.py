@@ -101,6 +101,12 @@ class PromptsParams(Section):
     """Descriptions asked per request (10 in the paper)."""
     two_class_fraction: float = Field(0.3, ge=0.0, le=1.0)
     """Share of requests that pick two classes instead of one."""
+    class_names: Literal["display", "full"] = "display"
+    """The class names written into the LLM request, the "nothing" rewrite and the detector's
+    caption (the manifests' ``class_names``): ``display`` drops an LVIS disambiguation ("yoke
+    (animal equipment)" -> "yoke"), ``full`` keeps it as the published code does (a
+    description is then kept when it names the full name or its display form, and the rewrite
+    replaces both)."""
     cf_rewrite: Literal["ours", "literal"] = "ours"
     """Counterfactual prompt: ``ours`` replaces every mention of a class by "nothing", plurals,
     possessives and a leading article or count word included ("two dogs" -> "nothing");
@@ -216,6 +222,11 @@ class GroundedSamParams(Section):
     """SAM checkpoint: hub id or local directory."""
     box_threshold: float = Field(0.3, ge=0.0, le=1.0)
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    box_score: Literal["class", "all"] = "class"
+    """What a box's probability must pass ``box_threshold`` on: ``class``, the maximum over
+    its class's own tokens (and ``text_threshold`` too); ``all``, as the published code, the
+    maximum over every caption token (separators and special tokens included). Either way the
+    box takes the class whose tokens score highest."""
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
     """Per-class NMS: a box overlapping a better box of its class by more is dropped."""
     max_detections: int = Field(20, ge=1)
@@ -443,6 +454,14 @@ class RealDatasetParams(Section):
     """Evaluate the first ``limit`` images only (quick checks); None = the whole split."""
 
 
+class ContextParams(RealDatasetParams):
+    protocol: Literal["pc59", "pc60_text"] = "pc59"
+    """``pc59``: the 59 classes, scored without background (``context``) and with the model's
+    background as a 60th class (``context60``), names encoded as ``evaluate.templates`` says;
+    ``pc60_text``: the published setting, 60 text classes ("background" one of them, encoded
+    like the others, every pixel scored) with the 15 ZegCLIP templates (``context60_text``)."""
+
+
 class EvaluateParams(Section):
     segmenter: Literal["trained", "grounded_sam"] = "trained"
     """What is evaluated: the trained checkpoint or the zero-shot Grounded-SAM baseline (the
@@ -465,17 +484,21 @@ class EvaluateParams(Section):
     bg_threshold: float | None = Field(None, ge=0.0, le=1.0)
     """Background wherever no class reaches this probability; null = the model's background
     class."""
-    templates: tuple[str, ...] = ("{}",)
-    """Real datasets: class-name prompt templates ("a photo of a {}."), text features
-    averaged."""
+    templates: tuple[str, ...] | None = None
+    """Real datasets: class-name prompt templates ("a photo of a {}"), text features averaged;
+    they replace the checkpoint's text encoder's own templates (never wrap them); null = the
+    encoder's own (clip: its training templates, train.clip.templates; minilm: the bare
+    name)."""
     voc: RealDatasetParams = RealDatasetParams()
-    context: RealDatasetParams = RealDatasetParams()
+    context: ContextParams = ContextParams()
     coco_object: RealDatasetParams = RealDatasetParams()
     lvis: RealDatasetParams = RealDatasetParams()
 
     @model_validator(mode="after")
     def _check_templates(self):
-        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+        if self.templates is not None and (
+            not self.templates or any(t.count("{}") != 1 for t in self.templates)
+        ):
             raise ValueError("templates: give one or more strings, each with exactly one {}")
         return self
 

@@ -2,12 +2,14 @@
 
 The protocol of the annotation-free open-vocabulary segmentation literature, with the knobs
 of ``params.evaluate``: short side resized to ``short_side``, sliding ``window``/``stride``
-(:mod:`magicseg.inference`), class names filled into ``templates``, background from the model's
+(:mod:`magicseg.inference`), the bare class names encoded by the model's text encoder (its
+own templates, or ``templates`` instead of them), background from the model's
 background class or, with ``bg_threshold``, wherever no class reaches that probability (see
 :mod:`magicseg.evaluation.segmenters` for the trained model and the Grounded-SAM baseline).
 
 Metrics per scored variant (``voc`` = 20 classes + background, ``voc20`` without background,
-``context`` = 59 classes, ``context60`` with background, ``coco_object``, ``lvis``): the
+``context`` = 59 classes, ``context60`` with background, ``context60_text`` with background
+as a text class (``evaluate.context.protocol``), ``coco_object``, ``lvis``): the
 summary of :func:`magicseg.evaluation.report.summarise` over the scored classes (background
 included where scored) and ``images``; per-class IoU in ``<per_class_dir>/<variant>.csv``. A
 variant without background ignores background pixels and predicts among the K classes only
@@ -42,7 +44,8 @@ def open_enabled(params: EvaluateParams) -> dict[str, RealDataset]:
     for name in REAL_DATASETS:
         block = getattr(params, name)
         if block.enabled:
-            out[name] = open_real_dataset(name, block.root, block.limit)
+            protocol = getattr(block, "protocol", None)
+            out[name] = open_real_dataset(name, block.root, block.limit, protocol)
     return out
 
 
@@ -55,7 +58,11 @@ def score_dataset(
     k = len(dataset.names)
     cms = {v: ConfusionMatrix(k + 1, dataset.ignore) for v in dataset.variants}
     shown = []
-    segmenter.set_classes(dataset.names)
+    templates = getattr(dataset, "templates", None)
+    if templates is None:
+        segmenter.set_classes(dataset.names)
+    else:
+        segmenter.set_classes(dataset.names, templates=templates)
     for sample in tqdm(dataset, total=len(dataset), desc=dataset.name, unit="image"):
         with_bg, fg_only = segmenter.segment([sample.image])[0]
         target = torch.from_numpy(sample.label).to(with_bg.device)

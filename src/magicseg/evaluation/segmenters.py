@@ -38,7 +38,8 @@ Labels = tuple[torch.Tensor, torch.Tensor]
 class Segmenter(Protocol):
     """See the module docstring."""
 
-    def set_classes(self, names: Sequence[str]) -> None: ...
+    def set_classes(self, names: Sequence[str], templates: Sequence[str] | None = None) -> None:
+        """``templates``: the text encoder's templates for these names (None: the default)."""
 
     def segment(self, images: Sequence[np.ndarray]) -> list[Labels]: ...
 
@@ -51,7 +52,8 @@ class GroundedSamSegmenter:
         self.ids: tuple[int, ...] = ()
         self.names: tuple[str, ...] = ()
 
-    def set_classes(self, names: Sequence[str]) -> None:
+    def set_classes(self, names: Sequence[str], templates: Sequence[str] | None = None) -> None:
+        """``templates`` do not apply: the detector's caption is the names themselves."""
         self.ids = tuple(range(1, len(names) + 1))
         self.names = tuple(display_name(n) for n in names)
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from magicseg.core.config import DifferenceLabelerParams, GroundedSamParams
 from magicseg.core.devices import resolve_device, resolve_dtype
-from magicseg.core.errors import BackendError
+from magicseg.core.errors import BackendError, ConfigError
 from magicseg.label.base import LabelInput, LabelResult
 from magicseg.label.difference import difference_foreground
 
@@ -143,14 +143,17 @@ def match_classes(
     spans: Sequence[tuple[int, int]],
     box_threshold: float,
     text_threshold: float,
+    box_score: str = "class",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Phrase -> class for each query box.
 
     ``probs``: QxT token probabilities (sigmoid of Grounding DINO's logits) for one caption;
     ``spans``: per class, its token range. A box's class score is the max probability over the
-    class's tokens; the box goes to the class with the highest score and is kept when that
-    score is above both ``box_threshold`` and ``text_threshold`` (separators and special tokens
-    never decide a class). Returns (span index per query, -1 when dropped; score per query).
+    class's tokens; the box goes to the class with the highest score. ``box_score: class``:
+    it is kept when that score is above both ``box_threshold`` and ``text_threshold``
+    (separators and special tokens never decide a class); ``all`` (the published filter): when
+    the max probability over all T tokens is above ``box_threshold``. Returns (span index per
+    query, -1 when dropped; class score per query).
     """
     q = probs.shape[0]
     if not spans or q == 0:
@@ -158,7 +161,12 @@ def match_classes(
     per_class = np.stack([probs[:, a:b].max(axis=1) for a, b in spans], axis=1)  # Q x C
     best = per_class.argmax(axis=1)
     score = per_class[np.arange(q), best].astype(np.float32)
-    keep = (score > box_threshold) & (score > text_threshold)
+    if box_score == "all":
+        keep = probs.max(axis=1) > box_threshold
+    elif box_score == "class":
+        keep = (score > box_threshold) & (score > text_threshold)
+    else:
+        raise ConfigError(f"label.grounded_sam.box_score: unknown {box_score!r} (class, all)")
     return np.where(keep, best, -1), score
 
 
@@ -457,7 +465,11 @@ class GroundedSamLabeler:
                 boxes = out.pred_boxes.float().cpu().numpy()  # B x Q x 4, cxcywh in [0, 1]
             for b, (i, cap) in enumerate(chunk):
                 cls, score = match_classes(
-                    probs[b], cap.spans, self.params.box_threshold, self.params.text_threshold
+                    probs[b],
+                    cap.spans,
+                    self.params.box_threshold,
+                    self.params.text_threshold,
+                    self.params.box_score,
                 )
                 h, w = images[i].shape[:2]
                 ids_i = classes[i][0]

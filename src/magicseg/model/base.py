@@ -104,9 +104,18 @@ class Segmenter(Protocol):
 
 class TextEncoder(Protocol):
     """Frozen class-name encoder: ``encode(names) -> Tensor`` of shape ``len(names) x dim``
-    (float32, CPU, L2-normalised). Implementations cache per name."""
+    (float32, CPU, L2-normalised). Implementations cache per name.
+
+    The encoder owns the prompt templates: ``names`` are bare class names, filled into its own
+    ``templates`` (the clip encoder: its training templates; ``("{}",)``: the name as is), a
+    class's feature the normalised mean over them. ``encode(names, templates)`` uses the given
+    templates *instead of* its own for that call (evaluation's ``evaluate.templates``), so a
+    name is never wrapped twice."""
 
     name: str
     dim: int
+    templates: tuple[str, ...]
 
-    def encode(self, names: Sequence[str]) -> torch.Tensor: ...
+    def encode(
+        self, names: Sequence[str], templates: Sequence[str] | None = None
+    ) -> torch.Tensor: ...

@@ -42,6 +42,7 @@ from torch import nn
 
 from magicseg.core.devices import resolve_device
 from magicseg.core.errors import BackendError, ConfigError
+from magicseg.core.templates import ZEGCLIP_TEMPLATES
 from magicseg.model.base import SegmenterOutput
 from magicseg.model.losses import hinge_cos, parts, text_margin
 
@@ -57,23 +58,6 @@ LOSS_STRIDE = 4
 VPT_DROPOUT = 0.1
 """Dropout on the projected prompts of ``vpt_style: zegclip`` (the published backbone's)."""
 
-ZEGCLIP_TEMPLATES = (
-    "a photo of a {}.",
-    "a photo of a small {}.",
-    "a photo of a medium {}.",
-    "a photo of a large {}.",
-    "This is a photo of a {}.",
-    "This is a photo of a small {}.",
-    "This is a photo of a medium {}.",
-    "This is a photo of a large {}.",
-    "a {} in the scene.",
-    "a photo of a {} in the scene.",
-    "There is a {} in the scene.",
-    "There is the {} in the scene.",
-    "This is a {} in the scene.",
-    "This is the {} in the scene.",
-    "This is one {} in the scene.",
-)
 TEMPLATES = {"zegclip15": ZEGCLIP_TEMPLATES, "single": ("a photo of a {}.",)}
 
 
@@ -138,7 +122,8 @@ class PromptedViT(nn.Module):
     ``style: zegclip`` reproduces the rest of the published ``VPTCLIPVisionTransformer``:
 
     - every layer's prompts pass through one shared trainable Linear (Kaiming-normal weight,
-      fan-out) and dropout 0.1 before insertion;
+      fan-out), are expanded over the batch and then pass dropout 0.1 (one mask per image)
+      before insertion;
     - a trainable LayerNorm (eps 1e-6) on all tokens of the last layer, before the post-LN;
     - positions: the pretrained grid bilinearly resized to ``resolution / patch`` (the
       published ``input_resolution``, here ``train.clip.resolution``), then to the image's grid
@@ -150,7 +135,7 @@ class PromptedViT(nn.Module):
     ``imagenet`` with ImageNet's (the published ``img_norm_cfg``).
 
     The published ``drop_path_rate: 0.1`` is not reproduced: its blocks build DropPath modules
-    that their forward never calls (upstream ZegCLIP ``models/backbone/utils.py``), so the
+    that their forward never calls (the published ``models/backbone/utils.py``), so the
     published backbone has no stochastic depth either.
     """
 
@@ -227,7 +212,7 @@ class PromptedViT(nn.Module):
         p = self.vpt_tokens
         # 2. Frozen layers, fresh prompts at each (deep VPT).
         for i, layer in enumerate(self.vision.encoder.layers):
-            prompts = self._prompts(i, x.dtype).unsqueeze(0).expand(b, -1, -1)
+            prompts = self._prompts(i, b, x.dtype)
             if i == 0:
                 x = torch.cat([x[:, :lead], prompts, x[:, lead:]], dim=1)
             else:
@@ -250,12 +235,14 @@ class PromptedViT(nn.Module):
         grid = patches.transpose(1, 2).reshape(b, self.width, h // self.patch, w // self.patch)
         return glob, grid
 
-    def _prompts(self, i: int, dtype: torch.dtype) -> torch.Tensor:
-        """Layer ``i``'s PxC prompt tokens (zegclip: projected, dropout)."""
-        prompts = self.prompts[i]
+    def _prompts(self, i: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Layer ``i``'s BxPxC prompt tokens (zegclip: projected, expanded over the batch and
+        then dropped out, one dropout mask per image, as the published encoder does)."""
+        prompts = self.prompts[i].unsqueeze(0)
         if self.style == "zegclip":
-            prompts = self.prompt_dropout(self.prompt_proj(prompts))
-        return prompts.to(dtype)
+            prompts = self.prompt_dropout(self.prompt_proj(prompts).expand(b, -1, -1))
+            return prompts.to(dtype)
+        return prompts.expand(b, -1, -1).to(dtype)
 
     def _zegclip_embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised Bx3xHxW -> Bx(1+N)xC token embeddings as the published backbone makes
@@ -593,7 +580,7 @@ class ClipTextEncoder:
         self.templates = tuple(templates)
         self.batch_size = batch_size
         self.dim = int(self._embed(["x"]).shape[-1])
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[tuple[tuple[str, ...], str], torch.Tensor] = {}
 
     @torch.no_grad()
     def _embed(self, texts: list[str]) -> torch.Tensor:
@@ -610,17 +597,20 @@ class ClipTextEncoder:
         return F.normalize(out.float(), dim=-1).cpu()
 
     @torch.no_grad()
-    def encode(self, names: Sequence[str]) -> torch.Tensor:
-        """``len(names) x dim`` float32, L2-normalised template-averaged embeddings."""
-        todo = [n for n in dict.fromkeys(names) if n not in self._cache]
-        t = len(self.templates)
+    def encode(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """Bare class names -> ``len(names) x dim`` float32, L2-normalised template-averaged
+        embeddings; ``templates`` (each with one ``{}``) replace ``self.templates`` for this
+        call (each name is filled into each template once, never into a template twice)."""
+        tpls = self.templates if templates is None else tuple(templates)
+        todo = [n for n in dict.fromkeys(names) if (tpls, n) not in self._cache]
+        t = len(tpls)
         per = max(1, self.batch_size // t)
         for start in range(0, len(todo), per):
             chunk = todo[start : start + per]
-            texts = [tpl.format(n) for n in chunk for tpl in self.templates]
+            texts = [tpl.format(n) for n in chunk for tpl in tpls]
             emb = self._embed(texts).view(len(chunk), t, -1).mean(1)
             for n, v in zip(chunk, F.normalize(emb, dim=-1), strict=True):
-                self._cache[n] = v
+                self._cache[(tpls, n)] = v
         if not names:
             return torch.zeros(0, self.dim)
-        return torch.stack([self._cache[n] for n in names])
+        return torch.stack([self._cache[(tpls, n)] for n in names])

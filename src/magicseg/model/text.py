@@ -43,13 +43,18 @@ class HFMeanPoolEncoder:
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         self.model.requires_grad_(False)
         self.dim = int(self.model.config.hidden_size)
+        self.templates: tuple[str, ...] = ("{}",)
         self.batch_size = batch_size
         self._cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def encode(self, names: Sequence[str]) -> torch.Tensor:
-        """``len(names) x dim`` float32, L2-normalised."""
-        todo = [n for n in dict.fromkeys(names) if n not in self._cache]
+    def encode(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """Bare class names -> ``len(names) x dim`` float32, L2-normalised; with ``templates``
+        (each with one ``{}``, replacing ``self.templates`` = the bare name), the normalised
+        mean of the name filled into each template once."""
+        tpls = self.templates if templates is None else tuple(templates)
+        texts = [t.format(n) for t in tpls for n in names]
+        todo = [s for s in dict.fromkeys(texts) if s not in self._cache]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             batch = self.tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
@@ -61,4 +66,7 @@ class HFMeanPoolEncoder:
                 self._cache[n] = v
         if not names:
             return torch.zeros(0, self.dim)
-        return torch.stack([self._cache[n] for n in names])
+        feats = torch.stack([self._cache[s] for s in texts]).view(len(tpls), len(names), -1)
+        if len(tpls) == 1:
+            return feats[0]
+        return torch.nn.functional.normalize(feats.mean(0), dim=-1)

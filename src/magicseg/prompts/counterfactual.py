@@ -132,7 +132,8 @@ def literal_counterfactual(text: str, names: list[str] | tuple[str, ...]) -> str
     "A nothing and two dogs near the nothing's bowl"
     """
     for name in names:
-        text = re.sub(rf"\b{re.escape(name)}\b", NOTHING, text, flags=re.IGNORECASE)
+        # \b, also where a full LVIS name starts or ends with a parenthesis
+        text = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", NOTHING, text, flags=re.IGNORECASE)
     return text
 
 

@@ -14,7 +14,7 @@ from magicseg.core.errors import DataError
 from magicseg.core.io import write_json, write_manifest
 from magicseg.core.registry import Registry
 from magicseg.core.seeding import derive_seed, rng
-from magicseg.core.vocabulary import Vocabulary
+from magicseg.core.vocabulary import Vocabulary, display_name
 from magicseg.prompts.base import PromptRequest, PromptWriter
 from magicseg.prompts.counterfactual import REWRITES, mentions
 
@@ -73,6 +73,14 @@ def plan_requests(vocab: Vocabulary, params: PromptsParams, seed: int) -> list[t
     return out
 
 
+def rewritten(classes: Sequence[str]) -> tuple[str, ...]:
+    """The names the "nothing" rewrite replaces: each class name and, for a full LVIS name
+    ("yoke (animal equipment)"), then its display form ("yoke"), which a description may use."""
+    out = list(classes)
+    out += [d for d in map(display_name, classes) if d not in out]
+    return tuple(out)
+
+
 def run_prompts(
     vocab: Vocabulary,
     params: PromptsParams,
@@ -85,17 +93,18 @@ def run_prompts(
 ) -> pd.DataFrame:
     """Write ``manifest.parquet`` (one row per prompt) to ``out_dir``.
 
-    Columns: id, request, class_ids (list[int]), class_names (list[str], display names),
+    Columns: id, request, class_ids (list[int]), class_names (list[str], display or full names
+    as ``params.class_names`` says),
     prompt, cf_prompt, writer, style, seed (int, the sample seed shared by the pair).
     ``cache_dir``: where LLM writers cache answers; keep it outside ``out_dir`` (DVC deletes
     stage outputs before a run, and the cache is what lets a crashed run resume).
     """
     # 1. Plan the requests (seeded) and build the writer.
     plans = plan_requests(vocab, params, seed)
-    display = vocab.display
+    names = vocab.names if params.class_names == "full" else vocab.display
     requests = [
         PromptRequest(
-            tuple(display[i - 1] for i in ids),
+            tuple(names[i - 1] for i in ids),
             params.per_request,
             derive_seed(seed, "prompts.request", r),
         )
@@ -113,7 +122,7 @@ def run_prompts(
     rows, dropped = [], 0
     for r, (ids, req, outs) in enumerate(zip(plans, requests, texts, strict=True)):
         for k, text in enumerate(outs):
-            if not all(mentions(text, c) for c in req.classes):
+            if not all(any(mentions(text, n) for n in rewritten([c])) for c in req.classes):
                 dropped += 1
                 continue
             pid = f"r{r:06d}-{k:03d}"
@@ -124,7 +133,7 @@ def run_prompts(
                     "class_ids": list(ids),
                     "class_names": list(req.classes),
                     "prompt": text,
-                    "cf_prompt": rewrite(text, req.classes),
+                    "cf_prompt": rewrite(text, rewritten(req.classes)),
                     "writer": writer.name,
                     "style": params.style,
                     "seed": derive_seed(seed, "generate.sample", pid),
@@ -147,7 +156,7 @@ def run_prompts(
             rewrites.extend(writer.rewrite_counterfactuals(part))  # type: ignore[attr-defined]
         used = 0
         for row, cf in zip(rows, rewrites, strict=True):
-            if cf and not any(mentions(cf, c) for c in row["class_names"]):
+            if cf and not any(mentions(cf, c) for c in rewritten(row["class_names"])):
                 row["cf_prompt"] = cf
                 used += 1
         extra["cf_from_llm"] = used

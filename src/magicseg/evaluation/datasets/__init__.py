@@ -29,9 +29,12 @@ from magicseg.evaluation.datasets.base import RealDataset, Sample, require
 REAL_DATASETS = ("voc", "context", "coco_object", "lvis")
 
 
-def open_real_dataset(name: str, root: str | Path | None, limit: int | None = None):
+def open_real_dataset(
+    name: str, root: str | Path | None, limit: int | None = None, protocol: str | None = None
+):
     """The reader of real dataset ``name`` (one of :data:`REAL_DATASETS`) on the data at
-    ``root``; ``limit``: first ``limit`` images only."""
+    ``root``; ``limit``: first ``limit`` images only; ``protocol``: Context's
+    (``evaluate.context.protocol``, None: its default)."""
     from magicseg.evaluation.datasets.coco import CocoSemantic
     from magicseg.evaluation.datasets.pascal import ContextDataset, VOCDataset
 
@@ -45,6 +48,10 @@ def open_real_dataset(name: str, root: str | Path | None, limit: int | None = No
         raise DataError(f"unknown real dataset {name!r} (choose from {', '.join(REAL_DATASETS)})")
     if not root:
         raise DataError(f"evaluate.{name}.root: not set (the dataset is enabled)")
+    if protocol is not None:
+        if name != "context":
+            raise DataError(f"evaluate.{name}: no protocol to choose (only context has one)")
+        return readers[name](Path(root).expanduser(), limit=limit, protocol=protocol)
     return readers[name](Path(root).expanduser(), limit=limit)
 
 

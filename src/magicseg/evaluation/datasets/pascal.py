@@ -7,7 +7,10 @@
   script): 0 = background, 1..59 the 59 frequent classes in the standard order
   (= ``vocabulary.CONTEXT59``); pixels of the other 400 classes are 0 there too. Two variants
   are scored from the same predictions: ``context`` (59 classes, background ignored, the usual
-  "Context-59") and ``context60`` (background scored as a 60th class).
+  "Context-59") and ``context60`` (background scored as a 60th class). With ``protocol:
+  pc60_text`` (the published setting) "background" is the first of 60 *text* classes, encoded
+  with the 15 ZegCLIP templates like the others, and every pixel is scored among the 60
+  (``context60_text``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class _PascalSplit:
     label_dir = ""
     vocabulary = ""
     variants: dict[str, bool] = {}
+    templates: tuple[str, ...] | None = None
+    """Templates the names are encoded with instead of ``evaluate.templates`` (None: those)."""
 
     def __init__(self, root: Path, limit: int | None = None) -> None:
         root = Path(root)
@@ -40,6 +45,7 @@ class _PascalSplit:
         self.root = root
         self.ids = ids[:limit] if limit else ids
         self.names = check_names(builtin_names(self.vocabulary), self.vocabulary)
+        self.label_classes = len(self.names)  # the label files' largest class index
         self.ignore = IGNORE_U8
 
     @classmethod
@@ -61,13 +67,17 @@ class _PascalSplit:
             label = read_mask(self.root / self.label_dir / f"{i}.png")
             if label.shape != image.shape[:2]:
                 raise DataError(f"{self.label_dir}/{i}.png: {label.shape} != image {image.shape}")
-            bad = (label > len(self.names)) & (label != self.ignore)
+            bad = (label > self.label_classes) & (label != self.ignore)
             if bad.any():
                 raise DataError(
                     f"{self.label_dir}/{i}.png: label {int(label[bad][0])} is not a class index "
-                    f"(0..{len(self.names)} or {self.ignore})"
+                    f"(0..{self.label_classes} or {self.ignore})"
                 )
-            yield Sample(i, image, label)
+            yield Sample(i, image, self.relabel(label))
+
+    def relabel(self, label: np.ndarray) -> np.ndarray:
+        """The file's labels in this reader's class indices (as read)."""
+        return label
 
 
 class VOCDataset(_PascalSplit):
@@ -96,6 +106,30 @@ class ContextDataset(_PascalSplit):
     label_dir = "SegmentationClassContext"
     vocabulary = "context"
     variants = {"context": False, "context60": True}
+    protocols = ("pc59", "pc60_text")
+
+    def __init__(self, root: Path, limit: int | None = None, protocol: str = "pc59") -> None:
+        super().__init__(root, limit)
+        if protocol not in self.protocols:
+            raise DataError(
+                f"evaluate.context.protocol: unknown {protocol!r} (allowed: pc59, pc60_text)"
+            )
+        self.protocol = protocol
+        if protocol == "pc60_text":
+            from magicseg.core.templates import ZEGCLIP_TEMPLATES
+
+            self.names = ["background", *self.names]
+            self.variants = {"context60_text": False}
+            self.templates = ZEGCLIP_TEMPLATES
+
+    def relabel(self, label: np.ndarray) -> np.ndarray:
+        """pc60_text: background (0) becomes text class 1, class ``k`` becomes ``k + 1``; no
+        pixel is left as the model's background."""
+        if self.protocol != "pc60_text":
+            return label
+        out = label.astype(np.int64) + 1
+        out[label == self.ignore] = self.ignore
+        return out
 
 
 def voc_palette() -> np.ndarray:
