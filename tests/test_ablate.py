@@ -771,7 +771,8 @@ def test_num_sampled_50_as_written_and_above_the_trainable_classes(mini, tmp_pat
     out = _run(DVC + ["exp", "run", "-S", "train.num_sampled=50", "-S", "vocabulary.limit=40"],
                clone)  # fmt: skip
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    n = len(build_vocabulary(**params["vocabulary"], seed=params["seed"]).trainable)
+    args = A.queue.vocabulary_args(parse_params(params, "clone"), params["seed"])
+    n = len(build_vocabulary(**args).trainable)
     assert n == 33
     warnings = [line for line in out.splitlines() if "train.num_sampled" in line]
     assert warnings == [

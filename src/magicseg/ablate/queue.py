@@ -263,16 +263,19 @@ def resolve_grids(
         if n == "sampling":
             p = parse_params(compose(root, {}), "params (composed from conf/)")
             own = tuple(seeds) if seeds is not None else grid(n, 0, 0).seeds
-            vocabs = [build_vocabulary(**vocabulary_args(p), seed=s) for s in own]
+            vocabs = [build_vocabulary(**vocabulary_args(p, s)) for s in own]
             size, trainable = len(vocabs[0]), min(len(v.trainable) for v in vocabs)
         g = grid(n, size, trainable)
         out.append(g if seeds is None else dataclasses.replace(g, seeds=tuple(seeds)))
     return out
 
 
-def vocabulary_args(p) -> dict[str, Any]:
-    """``build_vocabulary``'s keyword arguments from validated params (all but the seed)."""
-    return p.vocabulary.model_dump()
+def vocabulary_args(p, seed: int) -> dict[str, Any]:
+    """``build_vocabulary``'s keyword arguments from validated params at the global ``seed``
+    (the held-out draw at ``vocabulary.holdout_seed`` where it is set)."""
+    args = p.vocabulary.model_dump()
+    args.pop("holdout_seed")
+    return args | {"seed": p.vocabulary.holdout_seed_for(seed)}
 
 
 def plan(grids: Sequence[Grid], root: Path) -> list[Planned]:
