@@ -20,7 +20,7 @@ def main(out: Path = typer.Option(...), params_file: Path = Path("params.yaml"))
         holdout_combination=v.holdout_combination,
         holdout_novel_words=v.holdout_novel_words,
         limit=v.limit,
-        seed=p.seed,
+        seed=v.holdout_seed_for(p.seed),
     )
     write_manifest(out, vocab.to_frame())
     combination, novel = (vocab.heldout_of_kind(k) for k in ("combination", "novel"))

@@ -6,6 +6,7 @@ file, the plot and the table are written, the workspace is untouched."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -43,44 +44,91 @@ def test_summarize_known_numbers():
     )
 
 
-def test_difference_of_means_and_its_standard_error():
-    stats = {
-        "on": A.summarize([0.62, 0.60, 0.64]),  # mean 0.62, std 0.02
-        "off": A.summarize([0.59, 0.60, 0.58]),  # mean 0.59, std 0.01
+@pytest.mark.parametrize(
+    ("df", "t"),  # t_{0.975, df} as printed in any table of Student's t (not from scipy)
+    [
+        (1, 12.706),
+        (2, 4.303),
+        (3, 3.182),
+        (4, 2.776),
+        (5, 2.571),
+        (9, 2.262),
+        (29, 2.045),
+        (1000, 1.962),
+    ],  # fmt: skip
+)
+def test_t_quantiles_are_the_tables(df, t):
+    assert A.t_quantile(df) == pytest.approx(t, abs=6e-4)
+    assert A.t_central(A.t_quantile(df), df) == pytest.approx(0.95, abs=1e-9)
+
+
+def test_t_central_known_points():
+    assert A.t_central(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| < 1) = 1/2
+    assert A.t_central(0.0, 3) == 0.0
+    # df 2 has a closed form: P(|T| < t) = t / sqrt(2 + t^2)
+    assert A.t_central(1.5, 2) == pytest.approx(1.5 / math.sqrt(2 + 1.5**2))
+    assert A.t_quantile(4, level=0.90) == pytest.approx(2.132, abs=6e-4)
+
+
+def test_a_paired_effect_is_the_mean_of_per_seed_differences_with_a_t_interval():
+    # the seeds move both cells together (0.5, 0.7, 0.6); "on" is 0.02-0.04 above "off"
+    values = {
+        "on": {"0": 0.53, "1": 0.72, "2": 0.64},
+        "off": {"0": 0.50, "1": 0.70, "2": 0.60},
     }
-    c = A.combine({"on": 1, "off": -1}, stats)
-    se = math.sqrt(0.02**2 / 3 + 0.01**2 / 3)  # 0.01291
+    c = A.paired_contrast({"on": 1, "off": -1}, values)
+    # per seed: 0.03, 0.02, 0.04 -> mean 0.03, sd 0.01, se 0.01 / sqrt(3), t(2) = 4.3027
+    se = 0.01 / math.sqrt(3)
+    assert c["paired"] is True and c["n"] == 3 and c["df"] == 2
     assert c["diff"] == pytest.approx(0.03) and c["se"] == pytest.approx(se)
-    assert c["exceeds_noise"] is True  # 0.03 > 2 x 0.0129
-    noisy = {"on": A.summarize([0.70, 0.50, 0.66]), "off": stats["off"]}
-    c = A.combine({"on": 1, "off": -1}, noisy)
-    assert c["diff"] == pytest.approx(0.03) and c["exceeds_noise"] is False  # se 0.061
+    assert c["ci95"] == pytest.approx([0.03 - 4.3027 * se, 0.03 + 4.3027 * se], abs=1e-5)
+    assert c["ci95"][0] == pytest.approx(0.00516, abs=1e-5) and c["exceeds_noise"] is True
+    # the same cells unpaired: the seed spread (sd 0.1) swamps the 0.03
+    stats = {k: A.summarize(list(v.values())) for k, v in values.items()}
+    u = A.unpaired_contrast({"on": 1, "off": -1}, stats)
+    assert u["paired"] is False and u["diff"] == pytest.approx(0.03)
+    assert u["se"] == pytest.approx(math.sqrt((stats["on"]["std"] ** 2 + 0.1**2) / 3))
+    assert u["exceeds_noise"] is False
+    # a difference that flips sign between seeds is noise
+    flip = {"on": {"0": 0.53, "1": 0.68, "2": 0.64}, "off": values["off"]}
+    assert A.paired_contrast({"on": 1, "off": -1}, flip)["exceeds_noise"] is False
 
 
-def test_interaction_adds_the_four_variances():
-    stats = {
-        "rich/on": A.summarize([0.62, 0.64]),
-        "rich/off": A.summarize([0.58, 0.60]),
-        "plain/on": A.summarize([0.40, 0.50]),
-        "plain/off": A.summarize([0.55, 0.57]),
+def test_a_paired_interaction_uses_the_four_cells_of_each_seed():
+    values = {
+        "rich/on": {"0": 0.62, "1": 0.64},
+        "rich/off": {"0": 0.58, "1": 0.60},
+        "plain/on": {"0": 0.40, "1": 0.50},
+        "plain/off": {"0": 0.55, "1": 0.57},
     }
-    c = A.combine({"rich/on": 1, "rich/off": -1, "plain/on": -1, "plain/off": 1}, stats)
-    assert c["diff"] == pytest.approx((0.63 - 0.59) - (0.45 - 0.56))  # 0.15
-    var = sum(
-        statistics.variance(v) / 2 for v in ([0.62, 0.64], [0.58, 0.6], [0.4, 0.5], [0.55, 0.57])
-    )
-    assert c["se"] == pytest.approx(math.sqrt(var))  # 0.0374
-    assert c["exceeds_noise"] is True
+    terms = {"rich/on": 1, "rich/off": -1, "plain/on": -1, "plain/off": 1}
+    c = A.paired_contrast(terms, values)
+    # seed 0: 0.04 + 0.15 = 0.19; seed 1: 0.04 + 0.07 = 0.11 -> mean 0.15, sd 0.0566, t(1)
+    sd = statistics.stdev([0.19, 0.11])
+    assert c["diff"] == pytest.approx(0.15) and c["se"] == pytest.approx(sd / math.sqrt(2))
+    half = 12.7062 * sd / math.sqrt(2)
+    assert c["ci95"] == pytest.approx([0.15 - half, 0.15 + half], abs=1e-4)
+    assert c["exceeds_noise"] is False  # 2 seeds: t(1) = 12.7 makes a wide interval
 
 
-def test_an_effect_needs_every_cell_and_two_values_for_its_error():
-    one = {"a": A.summarize([0.5]), "b": A.summarize([0.3, 0.4])}
-    assert A.combine({"a": 1, "b": -1}, one) == {
-        "diff": pytest.approx(0.15),
-        "se": None,
-        "exceeds_noise": None,
-    }
-    assert A.combine({"a": 1, "c": -1}, one)["diff"] is None
+def test_pairing_uses_the_shared_seeds_and_falls_back_only_without_them():
+    values = {"a": {"0": 0.5, "1": 0.6, "2": 0.7}, "b": {"0": 0.4, "1": 0.45}}
+    c = A.contrast({"a": 1, "b": -1}, values)
+    assert c["paired"] is True and c["n"] == 2  # seed 2 of a has no partner
+    assert c["diff"] == pytest.approx((0.1 + 0.15) / 2)
+    # no shared seeds: unpaired, with a Welch interval
+    apart = {"a": values["a"], "b": {"3": 0.4, "4": 0.45}}
+    u = A.contrast({"a": 1, "b": -1}, apart)
+    assert u["paired"] is False and u["diff"] == pytest.approx(0.6 - 0.425)
+    v1, v2 = 0.01 / 3, statistics.variance([0.4, 0.45]) / 2
+    df = int((v1 + v2) ** 2 / (v1**2 / 2 + v2**2 / 1))
+    assert u["df"] == df and u["se"] == pytest.approx(math.sqrt(v1 + v2))
+    # one shared seed and a cell with one value: a difference, no interval
+    one = {"a": {"0": 0.5}, "b": {"0": 0.3, "1": 0.4}}
+    assert A.contrast({"a": 1, "b": -1}, one) | {"seeds": None} == {
+        "paired": True, "n": 1, "seeds": None, "diff": pytest.approx(0.2), "se": None,
+        "df": None, "ci95": None, "exceeds_noise": None}  # fmt: skip
+    assert A.contrast({"a": 1, "c": -1}, one)["diff"] is None
 
 
 def test_step_time_from_the_train_stages_log_line():
@@ -133,7 +181,8 @@ def test_every_override_is_a_param_and_validates(name):
 def test_the_paper_grid_crosses_style_and_every_loss_form_kept():
     g = A.grid("paper", 48, 40)
     forms = {c.split("/")[1] for c in g.cells} - {"off"}
-    assert forms == {"hinge_head", "cf_background"}  # the paper's form and the default's
+    assert forms == {"hinge_head", "cf_background", "text_margin"}
+    assert len(g.cells) == 8 and g.seeds == (0, 1, 2, 3, 4)
     for style in ("rich", "plain"):
         assert g.cells[f"{style}/off"]["train.cf_weight"] == 0
         for f in forms:
@@ -149,6 +198,30 @@ def test_the_paper_grid_crosses_style_and_every_loss_form_kept():
         }
 
 
+def test_the_masks_grid_refuses_an_unknown_labeler_cleanly(monkeypatch):
+    g = A.grid("masks", 48, 40)
+    assert g.seeds == (0, 1, 2)
+    assert set(g.cells) == {f"{lab}/{f}" for lab in ("oracle", "difference")
+                            for f in ("filter", "no-filter")}  # fmt: skip
+    assert set(g.refused) == {"grounded_proxy/filter", "grounded_proxy/no-filter"}
+    assert (
+        "label.backend: 'grounded_proxy' is not a backend of this version"
+        in (g.refused["grounded_proxy/filter"])
+    )
+    assert all(not set(t) & set(g.refused) for t in g.effects.values())
+    assert g.effects["difference_vs_exact/filter"] == {"difference/filter": 1, "oracle/filter": -1}
+    assert "filter_effect/oracle" in g.effects and "interaction/filter_x_difference" in g.effects
+    # once the backend exists, the cells and their effects are back
+    monkeypatch.setattr(A.grids, "known_backends",
+                        lambda: {"label.backend": ("difference", "oracle", "grounded_proxy")})  # fmt: skip
+    g = A.grid("masks", 48, 40)
+    assert not g.refused and len(g.cells) == 6
+    assert g.effects["grounded_proxy_vs_exact/no-filter"] == {
+        "grounded_proxy/no-filter": 1,
+        "oracle/no-filter": -1,
+    }
+
+
 def test_sampling_values_span_5_to_all_with_at_least_four():
     assert A.sampling_values(40) == [5, 10, 25]
     assert A.sampling_values(244) == [5, 25, 50, 100]
@@ -157,6 +230,7 @@ def test_sampling_values_span_5_to_all_with_at_least_four():
     assert list(g.cells) == ["K=5", "K=25", "K=50", "K=100", "K=all"]
     assert g.cells["K=all"] == {"train.num_sampled": 252}
     assert g.effects["K=5_vs_all"] == {"K=5": 1, "K=all": -1}
+    assert g.seeds == (0, 1, 2)
     with pytest.raises(ConfigError, match="unknown grid 'papr'"):
         A.grid("papr", 48, 40)
 
@@ -278,7 +352,7 @@ def _results():
             p = _planned(e.name, cell, seed, {}, e)
             p.grid, p.state = "tiny", "done"
             planned.append(p)
-    return A.grid_results(g, planned, [0, 1], previous={"a0": 0.2})
+    return A.grid_results(dataclasses.replace(g, seeds=(0, 1)), planned, previous={"a0": 0.2})
 
 
 def test_grid_results_markdown_and_plot_rows():
@@ -288,11 +362,16 @@ def test_grid_results_markdown_and_plot_rows():
         "0": 0.5, "1": 0.52}}  # fmt: skip
     assert a["step_s"] == {"n": 1, "mean": 0.2, "std": None, "values": {"0": 0.2}}  # earlier file
     e = r["effects"]["b_vs_a"]["metrics"]["seen"]
-    assert e["diff"] == pytest.approx(0.095) and e["exceeds_noise"] is True
+    # per seed 0.10 and 0.09: mean 0.095, se 0.005, t(1) 12.706 -> [0.0315, 0.1585]
+    assert e["diff"] == pytest.approx(0.095) and e["n"] == 2 and e["paired"] is True
+    assert e["se"] == pytest.approx(0.005) and e["df"] == 1
+    assert e["ci95"] == pytest.approx([0.095 - 12.7062 * 0.005, 0.095 + 12.7062 * 0.005], abs=1e-5)
+    assert e["exceeds_noise"] is True
+    assert r["command"] == "magicseg ablate --grid tiny --seeds 0,1" and r["seeds"] == [0, 1]
     md = A.markdown({"grids": {"tiny": r}})
     assert "| a | `train.cf_weight=0.0` | 2 | 0.510 ± 0.014 |" in md
-    assert "| b_vs_a | b − a | **+0.095 ± 0.011** |" in md
-    assert "Beyond the noise (more than 2 SE): b_vs_a on seen mIoU (+0.095 ± 0.011)" in md
+    assert "| b_vs_a | b − a | 2 | **+0.095 [+0.031, +0.159]** |" in md
+    assert "Beyond the noise (95% interval excludes 0): b_vs_a on seen mIoU (+0.095 [+0.031, " in md
     rows = A.plot_rows(r, "tiny").splitlines()
     assert rows[0] == "cell,metric,mean,lo,hi,n"
     assert "a,seen mIoU,0.51,0.49586,0.52414,2" in rows
@@ -313,9 +392,10 @@ def _tables(md: str) -> list[list[list[str]]]:
 
 def test_markdown_tables_are_well_formed_and_say_when_nothing_is_an_effect():
     r = _results()
-    # the noisy case: b's seeds spread wide, and a cell with one seed has no std
-    r["cells"]["b"]["metrics"]["seen"].update(std=0.2)
-    r["effects"]["b_vs_a"]["metrics"]["seen"].update(se=0.1, exceeds_noise=False)
+    # the noisy case: b's seeds flip the sign of the difference, and a cell with one seed has
+    # no std
+    r["cells"]["b"]["metrics"]["seen"]["values"] = {"0": 0.7, "1": 0.4}
+    r = A.rereport(r)
     md = A.markdown({"grids": {"tiny": r}})
     tables = _tables(md)
     assert len(tables) == 2  # the cells, the effects
@@ -326,14 +406,15 @@ def test_markdown_tables_are_well_formed_and_say_when_nothing_is_an_effect():
     assert [row[0] for row in tables[0][2:]] == ["a", "b"]
     assert tables[0][0][:3] == ["cell", "overrides", "n"] and "s/step" in tables[0][0]
     assert tables[0][2][tables[0][0].index("s/step")] == "0.200"  # n = 1: no ± std
-    assert tables[1][2][:2] == ["b_vs_a", "b − a"]
-    assert tables[1][2][2:] == ["+0.095 ± 0.100", "–"]  # not bold; no step time in b
-    assert "No effect exceeds twice its standard error: every difference here is noise." in md
+    assert tables[1][2][:3] == ["b_vs_a", "b − a", "2"]
+    # per seed +0.20 and -0.12: mean 0.04, se 0.16, t(1) -> [-1.993, +2.073]; not bold
+    assert tables[1][2][3:] == ["+0.040 [-1.993, +2.073]", "–"]  # no step time in b
+    assert "No effect's 95% interval excludes 0: every difference here is within the noise." in md
     r["cells"]["b"]["metrics"]["step_s"] = A.summarize([0.3]) | {"values": {"0": 0.3}}
-    r["effects"]["b_vs_a"]["metrics"]["step_s"] = {"diff": 0.1, "se": None, "exceeds_noise": None}
+    r = A.rereport(r)
     md = A.markdown({"grids": {"tiny": r}})
-    assert "| b_vs_a | b − a | +0.095 ± 0.100 | +0.100 |" in md
-    assert "1 difference(s) without a standard error (a cell with n < 2)" in md
+    assert "| b_vs_a | b − a | 1/2 | +0.040 [-1.993, +2.073] | +0.100 |" in md
+    assert "1 difference(s) without an interval (fewer than 2 seeds)" in md
 
 
 def test_readme_ablation_tables_are_the_committed_ones():
@@ -348,6 +429,43 @@ def test_readme_ablation_tables_are_the_committed_ones():
     )
     data = json.loads((ROOT / "metrics/ablations.json").read_text())
     assert A.markdown(data) == committed.read_text()  # the table is the JSON's
+
+
+def test_the_committed_figures_are_those_of_their_per_seed_values():
+    """Every mean, std and effect of metrics/ablations.json is what its per-seed values give
+    (re-report it with: magicseg ablate --grid all --report-only)."""
+    data = json.loads((ROOT / "metrics/ablations.json").read_text())
+    for name, g in data["grids"].items():
+        assert A.rereport(g) == g, name
+        for e in g["effects"].values():
+            for r in e["metrics"].values():
+                assert set(r) == {"diff", "ci95", "n", "se", "df", "paired", "exceeds_noise"}
+                if r["ci95"] is not None:
+                    assert r["exceeds_noise"] == (r["ci95"][0] > 0 or r["ci95"][1] < 0)
+
+
+def test_report_only_rewrites_the_table_from_the_json(tmp_path):
+    r = _results()
+    out = tmp_path / "ablations.json"
+    out.write_text(json.dumps({"grids": {"tiny": r}}))
+    # an edited per-seed value: the re-report follows it everywhere
+    data = json.loads(out.read_text())
+    data["grids"]["tiny"]["cells"]["b"]["metrics"]["seen"]["values"]["1"] = 0.71
+    out.write_text(json.dumps(data))
+    code, text = _ablate("--grid", "tiny", "--report-only", "--out", str(out),
+                         "--plots", str(tmp_path / "plots"))  # fmt: skip
+    assert code == 0, text
+    new = json.loads(out.read_text())["grids"]["tiny"]
+    assert new["cells"]["b"]["metrics"]["seen"]["mean"] == pytest.approx(0.655)
+    assert new["effects"]["b_vs_a"]["metrics"]["seen"]["diff"] == pytest.approx(0.145)
+    md = (tmp_path / "ablations.md").read_text()
+    assert md == A.markdown(json.loads(out.read_text()))
+    assert "| b | `train.cf_weight=0.5` | 2 | 0.655 ± 0.078 |" in md
+    assert (tmp_path / "plots/tiny.csv").read_text() == A.plot_rows(new, "tiny")
+    code, text = _ablate("--grid", "paper", "--report-only", "--out", str(out))
+    assert code == 2 and "--grid: paper not in" in text
+    code, text = _ablate("--grid", "tiny", "--report-only", "--seeds", "0", "--out", str(out))
+    assert code == 2 and "--report-only: runs nothing" in text
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,9 +624,12 @@ def test_a_tiny_grid_through_the_dvc_queue(tiny_grid):
         effect = tiny["effects"]["b_vs_a"]["metrics"][metric]
         a, b = (tiny["cells"][c]["metrics"][metric] for c in "ab")
         assert effect["diff"] == pytest.approx(b["mean"] - a["mean"], abs=1e-6)
-        se = math.sqrt(a["std"] ** 2 / 2 + b["std"] ** 2 / 2)
-        assert effect["se"] == pytest.approx(se, abs=1e-6)
-        assert effect["exceeds_noise"] == (abs(effect["diff"]) > 2 * se)
+        d = [b["values"][s] - a["values"][s] for s in ("0", "1")]  # paired by seed
+        se = statistics.stdev(d) / math.sqrt(2)
+        assert effect["se"] == pytest.approx(se, abs=1e-6) and effect["paired"] is True
+        lo, hi = effect["ci95"]
+        assert lo == pytest.approx(effect["diff"] - 12.7062 * se, abs=1e-5)
+        assert effect["exceeds_noise"] == (lo > 0 or hi < 0)
     assert tiny["effects"]["b_vs_a"]["metrics"]["step_s"]["se"] > 0
     a = tiny["cells"]["a"]["metrics"]["seen"]
 
@@ -610,9 +731,11 @@ def test_a_failed_experiment_is_reported_with_its_log(tiny_grid, monkeypatch):
 def test_the_real_grids_plan_on_the_miniature_project(project):
     code, out = _ablate("--grid", "all", "--seeds", "0,1,2", "--dry-run")
     assert code == 0, out
-    # paper 6 cells, masks 4, sampling: K = 5, 25, 50, 100 below the trainable classes and all
-    # (the 252 classes of the vocabulary, which the trainer clamps): 15 cells x 3 seeds
-    assert "45 experiments (paper, masks, sampling x seeds 0,1,2)" in out
+    # paper 8 cells, masks 4 (the 2 grounded_proxy cells refused), sampling: K = 5, 25, 50, 100
+    # below the trainable classes and all (the 252 classes of the vocabulary, which the trainer
+    # clamps): 17 cells x 3 seeds
+    assert "51 experiments (paper, masks, sampling x seeds 0,1,2)" in out
+    assert "ablate: masks/grounded_proxy/filter refused (label.backend: " in out
     for line in (
         "-n abl-paper-rich-hinge-head-s0 -S seed=0 -S prompts.style=rich "
         "-S train.cf_loss=hinge_head -S train.cf_weight=0.5",
@@ -623,6 +746,11 @@ def test_the_real_grids_plan_on_the_miniature_project(project):
         "-n abl-sampling-k-all-s0 -S seed=0 -S train.num_sampled=252",
     ):
         assert f"dvc exp run --queue {line}\n" in out, line
+    # without --seeds each grid runs on its own: paper 5 seeds, the others 3
+    code, out = _ablate("--grid", "paper,masks", "--dry-run")
+    assert code == 0, out
+    assert "52 experiments (paper x seeds 0,1,2,3,4, masks x seeds 0,1,2)" in out
+    assert "-n abl-paper-plain-text-margin-s4 -S seed=4 -S prompts.style=plain " in out
 
 
 @pytest.mark.slow
@@ -643,7 +771,8 @@ def test_num_sampled_50_as_written_and_above_the_trainable_classes(mini, tmp_pat
     out = _run(DVC + ["exp", "run", "-S", "train.num_sampled=50", "-S", "vocabulary.limit=40"],
                clone)  # fmt: skip
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    n = len(build_vocabulary(**params["vocabulary"], seed=params["seed"]).trainable)
+    args = A.queue.vocabulary_args(parse_params(params, "clone"), params["seed"])
+    n = len(build_vocabulary(**args).trainable)
     assert n == 33
     warnings = [line for line in out.splitlines() if "train.num_sampled" in line]
     assert warnings == [

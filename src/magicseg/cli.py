@@ -310,10 +310,23 @@ def ablate(
     grid: Annotated[
         str, typer.Option(help="paper, sampling, masks, or all (comma-separated: paper,masks).")
     ],
-    seeds: Annotated[str, typer.Option(help="Global seeds, comma-separated.")] = "0,1,2",
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="Global seeds, comma-separated, for every grid (default: each grid's own: "
+            "paper 0-4, sampling and masks 0-2)."
+        ),
+    ] = None,
     jobs: Annotated[int, typer.Option(help="Experiments run at once by DVC's queue.")] = 1,
     dry_run: Annotated[
         bool, typer.Option(help="Print the plan and the dvc commands; queue nothing.")
+    ] = False,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            help="Run nothing: recompute the tables of the grids already in OUT from their "
+            "per-seed values and write OUT, the table and the plots again."
+        ),
     ] = False,
     out: Annotated[
         Path, typer.Option(help="Results JSON; the Markdown table goes beside it (.md).")
@@ -322,20 +335,28 @@ def ablate(
         "plots/ablations"
     ),
 ) -> None:
-    """Run a named grid of DVC experiments over several global seeds (dvc exp run --queue, in
-    temporary copies: the workspace is not touched), reuse the finished ones, and write per cell
-    mean, std, n and the per-seed values, and the effects with their standard errors, to OUT,
-    a Markdown table and a DVC plot. Run it from the repository root, with everything
-    committed."""
+    """Run a named grid of DVC experiments, every cell on the same global seeds (dvc exp run
+    --queue, in temporary copies: the workspace is not touched), reuse the finished ones, and
+    write per cell mean, std, n and the per-seed values, and the effects as paired differences
+    with 95% t-intervals, to OUT, a Markdown table and a DVC plot. Run it from the repository
+    root, with everything committed."""
     from magicseg.ablate import ablate as run_ablate
+    from magicseg.ablate import report_only as run_report_only
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(
-            f"--seeds: comma-separated integers, like 0,1,2 (got {seeds!r})"
-        ) from None
     names = [g.strip() for g in grid.split(",") if g.strip()]
+    if report_only:
+        if seeds is not None or dry_run:
+            raise ConfigError("--report-only: runs nothing; leave out --seeds and --dry-run")
+        run_report_only(names, out, plots=plots, echo=typer.echo)
+        return
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--seeds: comma-separated integers, like 0,1,2 (got {seeds!r})"
+            ) from None
     outcome = run_ablate(names, seed_list, jobs, dry_run, out, plots=plots, echo=typer.echo)
     if outcome.failed:
         raise DataError(

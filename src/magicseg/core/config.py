@@ -50,6 +50,14 @@ class VocabularyParams(Section):
     these classes apart."""
     limit: int | None = Field(None, ge=1)
     """Keep only the first ``limit`` classes (quick experiments on big vocabularies)."""
+    holdout_seed: int | None = Field(None, ge=0)
+    """Seed of the held-out draw; null = the global ``seed``. A number keeps the held-out
+    classes (and so the trainable ones) fixed while ``seed`` re-draws prompts, data and
+    training: a spread over seeds then measures those alone."""
+
+    def holdout_seed_for(self, seed: int) -> int:
+        """The seed the held-out classes are drawn with, given the global ``seed``."""
+        return seed if self.holdout_seed is None else self.holdout_seed
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> VocabularyParams:
@@ -392,7 +400,16 @@ class TrainParams(Section):
     precision: Literal["auto", "fp32", "bf16"] = "bf16"
     """Autocast dtype of the forward pass: ``bf16`` (CPU or CUDA; weights, optimiser and losses
     stay fp32; on a CPU without AVX-512 BF16 or AMX it is emulated and slower: use fp32),
-    ``fp32``, or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
+    ``fp32``, or ``auto`` (bf16 on CUDA, fp32 elsewhere: CPU bf16 kernels differ between
+    instruction sets, so a CPU model trained in bf16 differs between machines)."""
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms(True)`` for the run (an op without a deterministic
+    kernel then raises, naming it; on CUDA ``CUBLAS_WORKSPACE_CONFIG`` is set to ``:4096:8``
+    where unset)."""
+    ema: float | None = Field(None, gt=0.0, lt=1.0)
+    """Decay of an exponential moving average of the trained weights (and float buffers),
+    updated after every step with the warm-up decay min(ema, (1 + t) / (10 + t)); validation
+    and the saved model use the averaged weights. null = none."""
     channels_last: bool = True
     """Model and images in channels-last memory layout (faster convolutions on CPUs)."""
     compile: bool = False
@@ -469,6 +486,9 @@ class EvaluateParams(Section):
     test_samples: int = Field(600, ge=1)
     """Procedural held-out test images (rendered with seeds disjoint from training); the
     procedural test set needs ``vocabulary.source: procedural``."""
+    test_seed: int | None = Field(None, ge=0)
+    """Seed of the procedural test set (its classes, prompts and images); null = the global
+    ``seed``. A number keeps the test set fixed while ``seed`` re-draws the training."""
     test_drift: float = Field(0.2, ge=0.0, le=1.0)
     """``generate.procedural.drift`` of the procedural test set's counterfactuals."""
     batch_size: int = Field(64, ge=1)
@@ -493,6 +513,10 @@ class EvaluateParams(Section):
     context: ContextParams = ContextParams()
     coco_object: RealDatasetParams = RealDatasetParams()
     lvis: RealDatasetParams = RealDatasetParams()
+
+    def test_seed_for(self, seed: int) -> int:
+        """The seed the procedural test set is drawn with, given the global ``seed``."""
+        return seed if self.test_seed is None else self.test_seed
 
     @model_validator(mode="after")
     def _check_templates(self):

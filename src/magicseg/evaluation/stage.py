@@ -69,7 +69,8 @@ def run_evaluate(
             if list(segmenters.checkpoint.vocab) != list(vocab.names):
                 raise DataError(f"{checkpoint}: trained on another vocabulary than {vocab_dir}")
             size = tuple(segmenters.checkpoint.image_size)
-        test = render_test_set(vocab, params.test_samples, seed, params.test_drift, size)
+        test_seed = params.test_seed_for(seed)
+        test = render_test_set(vocab, params.test_samples, test_seed, params.test_drift, size)
         metrics = score_test_set(
             segmenters.procedural,
             test,

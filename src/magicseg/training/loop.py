@@ -13,8 +13,10 @@ the architecture; each model owns its loss (``model.compute_loss(batch, params)`
 2. Optimiser and schedule (:func:`make_optimizer`, :func:`lr_factor`): AdamW at ``lr`` x
    ``lr_multiplier`` for every trained parameter, weight decay on ``weight_decay_rule``
    parameters; linear warm-up from ``warmup_ratio``, then cosine or poly to ``min_lr_ratio``.
-3. Precision and layout: ``precision`` (bf16 autocast on CPU or CUDA, weights fp32),
-   ``channels_last``, ``compile``.
+3. Precision, layout and stability (:mod:`magicseg.training.stability`): ``precision`` (bf16
+   autocast on CPU or CUDA, weights fp32; ``auto``: fp32 on a CPU), ``channels_last``,
+   ``compile``, ``deterministic`` (deterministic kernels), ``ema`` (an average of the weights,
+   used for validation and the saved model).
 4. Resumable state (:func:`run_key`): ``<state_dir>/<run key>/state.pt``, written atomically
    every ``checkpoint_every`` steps and at the end: step, trained parameters and buffers,
    optimiser, scheduler, torch RNG, the loss window and the logged records. The key hashes
@@ -58,6 +60,7 @@ from magicseg.model import text_encoder_name as _text_encoder_name
 from magicseg.model.losses import IGNORE
 from magicseg.training import data as D
 from magicseg.training.loggers import make_logger
+from magicseg.training.stability import Ema, autocast_dtype, maybe_applied, set_deterministic
 
 CHECKPOINT = "model.pt"
 STATE = "state.pt"
@@ -187,9 +190,12 @@ def _trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in keep}
 
 
-def save_state(path: Path, model, opt, sched, step: int, window, records, val) -> None:
+def save_state(
+    path: Path, model, opt, sched, step: int, window, records, val, ema: Ema | None = None
+) -> None:
     """Atomically write what a run resumes from (see the module docstring)."""
     blob = {
+        "ema": None if ema is None else ema.state_dict(),
         "step": step,
         "model": _trained_state(model),
         "optimizer": opt.state_dict(),
@@ -204,7 +210,9 @@ def save_state(path: Path, model, opt, sched, step: int, window, records, val) -
         torch.save(blob, tmp)
 
 
-def load_state(path: Path, model, opt, sched) -> tuple[int, list, list, dict]:
+def load_state(
+    path: Path, model, opt, sched, ema: Ema | None = None
+) -> tuple[int, list, list, dict]:
     """Restore what :func:`save_state` wrote; returns (step, loss window, records, val)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
@@ -216,8 +224,14 @@ def load_state(path: Path, model, opt, sched) -> tuple[int, list, list, dict]:
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     if unexpected or trained & set(missing):
         raise DataError(f"{path}: state does not match the model ({unexpected or missing})")
+    if (ema is None) != (blob.get("ema") is None):
+        raise DataError(
+            f"{path}: state {'without' if ema else 'with'} an EMA (train.ema); delete it"
+        )
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(blob["ema"])
     torch.set_rng_state(blob["torch_rng"])
     if blob["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
@@ -303,6 +317,7 @@ def train(
     device = resolve_device(params.device, "train.device")
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
+    set_deterministic(params.deterministic)
     world = launched_world_size()
     acc = Accelerator(
         cpu=device.type == "cpu",
@@ -311,10 +326,10 @@ def train(
     )
     device, rank, world = acc.device, acc.process_index, acc.num_processes
     main = acc.is_main_process
-    bf16 = params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")
+    dtype = autocast_dtype(params.precision, device)
 
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     cfg = model_config(params)
     encoder = text_encoder or build_text_encoder(_text_encoder_name(params.architecture, cfg), cfg)
@@ -350,6 +365,7 @@ def train(
     if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    ema = Ema(model, params.ema) if params.ema is not None else None
     opt = make_optimizer(model, params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(params))
     run_dir = None
@@ -359,7 +375,7 @@ def train(
     start, window, records = 0, [], []
     val = {"val_miou": float("nan"), "val_pixel_acc": float("nan")}
     if run_dir is not None and (run_dir / STATE).is_file():
-        start, window, records, val = load_state(run_dir / STATE, model, opt, sched)
+        start, window, records, val = load_state(run_dir / STATE, model, opt, sched, ema)
         if main:
             print(f"train: resuming at step {start} from {run_dir / STATE}", file=sys.stderr)
     if params.compile:
@@ -403,6 +419,8 @@ def train(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
         parts = dict(zip(PARTS, acc.reduce(detached.float(), "mean").tolist(), strict=True))
         if history is not None:
             history.append(parts["loss"])
@@ -414,7 +432,8 @@ def train(
             logs["train/lr"] = sched.get_last_lr()[0]
             if len(val_index) and (done % params.val_every == 0 or last):
                 tv = time.perf_counter()
-                cm = validate(model, val_loader, text_features, device, autocast, _sum(acc))
+                with maybe_applied(ema, model):
+                    cm = validate(model, val_loader, text_features, device, autocast, _sum(acc))
                 t_val += time.perf_counter() - tv
                 val = {
                     "val_miou": cm.miou(np.flatnonzero(cm.present()[1:]) + 1),
@@ -425,7 +444,7 @@ def train(
             records.append((done, logs))
             bar.set_postfix(loss=f"{logs['train/loss']:.3f}", val=f"{val['val_miou']:.3f}")
         if run_dir is not None and main and (done % params.checkpoint_every == 0 or done == end):
-            save_state(run_dir / STATE, model, opt, sched, done, window, records, val)
+            save_state(run_dir / STATE, model, opt, sched, done, window, records, val, ema)
     logger.close()
     t_train = time.perf_counter() - t_loop
 
@@ -445,17 +464,18 @@ def train(
     }
     if end == params.steps and main:
         image_size = (params.crop,) * 2 if params.crop else train_index.read(0)[0].shape[:2]
-        save_checkpoint(
-            Path(out_dir) / CHECKPOINT,
-            model,
-            params.architecture,
-            cfg,
-            encoder.name,
-            list(vocab.names),
-            sorted(vocab.holdout),
-            image_size,
-            meta={"train": params_to_dict(params), "seed": seed, "metrics": metrics},
-        )
+        with maybe_applied(ema, model):  # the averaged weights are the model
+            save_checkpoint(
+                Path(out_dir) / CHECKPOINT,
+                model,
+                params.architecture,
+                cfg,
+                encoder.name,
+                list(vocab.names),
+                sorted(vocab.holdout),
+                image_size,
+                meta={"train": params_to_dict(params), "seed": seed, "metrics": metrics},
+            )
     timing = {
         "seconds": round(time.perf_counter() - t0, 2),
         "train_seconds": round(t_train, 2),
@@ -475,6 +495,8 @@ def train(
             file=sys.stderr,
         )
     acc.wait_for_everyone()
+    if params.deterministic:
+        set_deterministic(False)
     return metrics
 
 
