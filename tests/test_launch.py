@@ -1,0 +1,266 @@
+"""The ``launch`` section and ``python -m magicseg.launch``: validation, the command each launcher
+gets, and the end-to-end ``dvc exp run -S launch.processes=2`` on a miniature project (2 gloo
+processes on the CPU), whose generate and label outputs equal a 1-process run's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from magicseg.core.config import LaunchParams, Params, params_to_dict, parse_params
+from magicseg.core.errors import ConfigError
+from magicseg.launch import ROLE_NODE, ROLE_TASK, Slurm, _first_host, command, main, task_env
+from magicseg.launch import node_command as node_cmd
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SCRIPT = ["stages/generate.py", "--out", "data/generate"]
+NO_SLURM = Slurm()
+JOB = Slurm("4242", 4, "gpu03")
+
+
+def _launch(**kw) -> LaunchParams:
+    return parse_params({"launch": kw}).launch
+
+
+# --------------------------------------------------------------------------------------------
+# the params section
+# --------------------------------------------------------------------------------------------
+def test_defaults_are_one_plain_process():
+    launch = Params().launch
+    assert (launch.processes, launch.nodes, launch.launcher) == (1, 1, "torchrun")
+    assert command(launch, SCRIPT, gpus=8, slurm=NO_SLURM) == [PY, *SCRIPT]
+
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ({"processes": 0}, "launch.processes: must be an integer >= 1 or auto (got 0)"),
+        ({"processes": "many"}, "launch.processes: must be an integer >= 1 or auto"),
+        ({"processes": True}, "launch.processes: must be an integer >= 1 or auto (got True)"),
+        ({"processes": 2.5}, "launch.processes: must be an integer >= 1 or auto (got 2.5)"),
+        ({"nodes": 0}, "launch.nodes:"),
+        ({"launcher": "mpirun"}, "launch.launcher: Input should be 'torchrun', 'accelerate'"),
+        ({"rdzv_endpoint": "node1"}, "launch.rdzv_endpoint: must be host:port"),
+        ({"rdzv_endpoint": "node1:99999"}, "launch.rdzv_endpoint: must be host:port"),
+        ({"gpus": 8}, "launch.gpus: unknown key"),
+    ],
+)
+def test_bad_values_and_unknown_keys_name_the_key(bad, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        parse_params({"launch": bad})
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+def test_torchrun_on_one_node_is_standalone():
+    cmd = command(_launch(processes=2), SCRIPT, gpus=0, slurm=NO_SLURM)
+    assert cmd == [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                   *SCRIPT]  # fmt: skip
+
+
+def test_auto_is_the_visible_gpus_and_one_process_without_any():
+    assert "8" in command(_launch(processes="auto"), SCRIPT, gpus=8, slurm=NO_SLURM)
+    assert command(_launch(processes="auto"), SCRIPT, gpus=0, slurm=NO_SLURM) == [PY, *SCRIPT]
+
+
+def test_accelerate_on_one_node():
+    cmd = command(_launch(processes=4, launcher="accelerate"), SCRIPT, gpus=4, slurm=NO_SLURM)
+    assert cmd[:4] == [PY, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    assert cmd[4:8] == ["--num_processes", "4", "--num_machines", "1"]
+    assert cmd[-3:] == SCRIPT
+
+
+def test_an_endpoint_on_one_node_replaces_standalone():
+    cmd = command(_launch(processes=2, rdzv_endpoint="h:1234"), SCRIPT, gpus=2, slurm=NO_SLURM)
+    assert "--standalone" not in cmd and cmd[cmd.index("--rdzv-endpoint") + 1] == "h:1234"
+
+
+def test_several_nodes_or_srun_need_a_slurm_allocation():
+    with pytest.raises(ConfigError, match="^launch.nodes: 2 nodes need a SLURM allocation"):
+        command(_launch(processes=8, nodes=2), SCRIPT, gpus=8, slurm=NO_SLURM)
+    with pytest.raises(ConfigError, match="^launch.launcher: srun needs a SLURM allocation"):
+        command(_launch(processes=2, launcher="srun"), SCRIPT, gpus=2, slurm=NO_SLURM)
+    with pytest.raises(ConfigError, match="^launch.nodes: 8 nodes asked, the allocation 4242"):
+        command(_launch(processes=8, nodes=8), SCRIPT, gpus=8, slurm=JOB)
+
+
+def test_torchrun_on_several_nodes_runs_one_per_node_under_srun():
+    launch = _launch(processes=8, nodes=4)
+    cmd = command(launch, SCRIPT, gpus=8, slurm=JOB, params_file="params.yaml")
+    assert cmd[:6] == ["srun", "--nodes", "4", "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
+    assert cmd[6:] == [PY, "-m", "magicseg.launch", "--params-file", "params.yaml", ROLE_NODE,
+                       "--", *SCRIPT]  # fmt: skip
+    node = node_cmd(launch, SCRIPT, 8, JOB, node_rank=3)
+    assert node == [PY, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "4",
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu03:29500", "--rdzv-id",
+                    "4242", *SCRIPT]  # fmt: skip
+
+
+def test_accelerate_on_several_nodes_gives_each_node_its_rank():
+    launch = _launch(processes=8, nodes=4, launcher="accelerate", rdzv_endpoint="head:6000")
+    node = node_cmd(launch, SCRIPT, 8, JOB, node_rank=2)
+    i = node.index
+    assert node[i("--num_processes") + 1] == "32" and node[i("--num_machines") + 1] == "4"
+    assert node[i("--machine_rank") + 1] == "2" and node[i("--main_process_ip") + 1] == "head"
+    assert node[i("--main_process_port") + 1] == "6000"
+
+
+def test_srun_runs_one_task_per_process_and_maps_the_ranks():
+    launch = _launch(processes=8, nodes=2, launcher="srun")
+    cmd = command(launch, SCRIPT, gpus=8, slurm=JOB)
+    assert cmd[:5] == ["srun", "--nodes", "2", "--ntasks-per-node", "8"] and ROLE_TASK in cmd
+    slurm = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+             "SLURM_NTASKS_PER_NODE": "8(x2)"}  # fmt: skip
+    env = task_env(launch, JOB, slurm)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("9", "16", "1")
+    assert (env["LOCAL_WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == ("8", "gpu03",
+                                                                                   "29500")  # fmt: skip
+
+
+def test_first_host_of_a_node_list_without_scontrol(monkeypatch):
+    monkeypatch.setenv("PATH", "")  # no scontrol: the list is read by hand
+    assert _first_host("gpu[03-04,07]") == "gpu03"
+    assert _first_host("a1,b2") == "a1"
+    assert _first_host("") is None
+
+
+def test_cli_dry_run_and_usage(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    data = params_to_dict(Params())
+    data["launch"]["processes"] = 3
+    params.write_text(yaml.safe_dump(data))
+    main(["--params-file", str(params), "--dry-run", "--", *SCRIPT])
+    assert "--nproc-per-node 3 --standalone stages/generate.py" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="usage"):
+        main(["stages/generate.py"])
+    with pytest.raises(ConfigError, match="unknown option '--nproc'"):
+        main(["--nproc", "2", "--", *SCRIPT])
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+        env.pop(k, None)
+    return env
+
+
+def test_one_process_execs_the_script_and_keeps_its_exit_status(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_to_dict(Params())))
+    script = tmp_path / "s.py"
+    script.write_text("import os, sys\nprint('world', os.environ.get('WORLD_SIZE'))\nsys.exit(3)\n")
+    run = subprocess.run([PY, "-m", "magicseg.launch", "--", str(script)], cwd=tmp_path,
+                         env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 3 and "world None" in run.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: dvc exp run -S launch.processes=2
+# --------------------------------------------------------------------------------------------
+MINI = {
+    "vocabulary": {"holdout_combination": 4, "holdout_novel_words": 1},
+    "prompts": {"requests": 4, "per_request": 3},
+    "generate": {"height": 32, "width": 32},
+    "train": {
+        "steps": 2,
+        "batch_size": 4,
+        "num_sampled": 6,
+        "log_every": 1,
+        "val_every": 2,
+        "val_samples": 4,
+        "offline": {"width": 8, "depth": 2, "embed_dim": 16},
+    },
+    "evaluate": {"test_samples": 4, "gallery_samples": 1},
+}
+GIT_ID = ["-c", "user.name=magicseg test", "-c", "user.email=test@magicseg.invalid"]
+DVC = [PY, "-m", "dvc"]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) else v
+                       for k, v in over.items()}}  # fmt: skip
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = _env()
+    env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(cwd / "src")
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _ran(log: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", log))
+
+
+def _digest(root: Path, *rels: str) -> dict[str, str]:
+    files = [f for rel in rels for f in sorted((root / rel).rglob("*")) if f.is_file()]
+    files += [root / rel for rel in rels if (root / rel).is_file()]
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in files}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_two_processes_records_the_run_and_equals_one_process(tmp_path):
+    # 1. A miniature project in a fresh git + DVC repo (committed, nothing reproduced).
+    root = tmp_path / "project"
+    root.mkdir()
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("dvc.yaml", "stages", "src", "conf", ".gitignore"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=skip)
+        else:
+            shutil.copy(src, root / name)
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), MINI)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run(DVC + ["init", "-q"], root)
+    shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")
+    _run(DVC + ["config", "core.analytics", "false"], root)
+    _run(DVC + ["config", "core.check_update", "false"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", *GIT_ID, "commit", "-qm", "miniature project"], root)
+
+    # 2. Every stage through DVC, the launched ones in 2 processes; DVC writes the lock.
+    log = _run(DVC + ["exp", "run", "-S", "launch.processes=2"], root)
+    assert _ran(log) == {"vocabulary", "check", "prompts", "generate", "label", "filter",
+                         "train", "evaluate"}  # fmt: skip
+    for stage in ("generate", "label", "train"):
+        assert f"--nproc-per-node 2 --standalone stages/{stage}.py" in log, stage
+    assert re.search(r"generate: \d+ pairs by procedural \(rank 1 of 2\)", log)
+    assert re.search(r"label: .*\(rank 1 of 2\)", log)
+    assert json.loads((root / "metrics/train.json").read_text())["processes"] == 2
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert lock["train"]["params"]["params.yaml"]["launch.processes"] == 2
+    assert "launch.processes" in lock["check"]["params"]["params.yaml"]
+    assert "launch" not in json.dumps(lock["generate"]["params"])  # no launch key tracked
+    assert json.loads(_run(DVC + ["status", "--json"], root)) == {}  # the lock is the run
+    two = _digest(root, "data/generate", "data/label", "metrics/label.json")
+    assert any(k.startswith("data/label/") for k in two) and "metrics/label.json" in two
+
+    # 3. Back to 1 process: the pre-flight (same verdict) and train re-run, no data stage.
+    log = _run(DVC + ["exp", "run", "-S", "launch.processes=1"], root)
+    assert {"check", "train"} <= _ran(log) <= {"check", "train", "evaluate"}
+    assert json.loads((root / "metrics/train.json").read_text())["processes"] == 1
+
+    # 4. generate and label made again by one process from an empty cache: the same bytes,
+    # so DVC finds nothing downstream to re-run.
+    shutil.rmtree(root / ".cache/magicseg/generate")
+    shutil.rmtree(root / ".cache/magicseg/label")
+    log = _run(DVC + ["repro", "--force", "--single-item", "generate", "label"], root)
+    assert _ran(log) == {"generate", "label"} and "torch.distributed.run" not in log
+    assert "(rank" not in log
+    assert _digest(root, "data/generate", "data/label", "metrics/label.json") == two
+    assert json.loads(_run(DVC + ["status", "--json"], root)) == {}
