@@ -238,6 +238,39 @@ def test_preflight_several_nodes(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# the sbatch script
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra_env, args, expected",
+    [
+        ({}, ["-S", "profile=paper"], "exp run -S launch.nodes=4 -S launch.processes=8 "
+         "-S launch.launcher=torchrun -S profile=paper"),
+        ({"MAGICSEG_LAUNCHER": "srun", "MAGICSEG_PROCESSES": "4"}, ["train"],
+         "exp run -S launch.nodes=4 -S launch.processes=4 -S launch.launcher=srun train"),
+        ({"MAGICSEG_DVC": "repro"}, [], "repro"),
+    ],
+)  # fmt: skip
+def test_sbatch_script_runs_dvc_once_with_the_jobs_launch(tmp_path, extra_env, args, expected):
+    """The script under a fake job (a ``dvc`` that prints its arguments)."""
+    bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
+    bin_dir.mkdir()
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/activate").write_text("")
+    (bin_dir / "dvc").write_text('#!/bin/sh\necho "dvc $*" > "$SLURM_SUBMIT_DIR/ran"\n')
+    (bin_dir / "dvc").chmod(0o755)
+    job = {"SLURM_SUBMIT_DIR": str(tmp_path), "MAGICSEG_VENV": str(venv), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_GPUS_ON_NODE": "8"}  # fmt: skip
+    env = {**_env(), **job, **extra_env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    script = ROOT / "scripts/slurm/magicseg.sbatch"
+    run = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "ran").read_text().strip() == f"dvc {expected}"
+    header = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --requeue" in header and any("--nodes=" in line for line in header)
+
+
+# --------------------------------------------------------------------------------------------
 # end to end: dvc exp run -S launch.processes=2
 # --------------------------------------------------------------------------------------------
 MINI = {
