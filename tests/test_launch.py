@@ -61,6 +61,30 @@ def test_bad_values_and_unknown_keys_name_the_key(bad, key):
         parse_params({"launch": bad})
 
 
+def test_dvc_exp_run_overrides_compose_into_the_launch_section(tmp_path):
+    """What ``dvc exp run -S profile=paper -S launch.processes=8`` writes (Hydra on)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    overrides = ["profile=paper", "launch.processes=8", "launch.nodes=4"]
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(tmp_path), overrides)
+    p = parse_params(yaml.safe_load(out.read_text()))
+    assert (p.profile, p.launch.processes, p.launch.nodes) == ("paper", 8, 4)
+
+
+def test_dvc_yaml_launches_three_stages_and_tracks_launch_where_it_changes_an_output():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    launched = {n for n, s in stages.items() if s["cmd"].startswith("python -m magicseg.launch")}
+    assert launched == {"generate", "label", "train"}
+    for name in launched:
+        assert stages[name]["cmd"].startswith(f"python -m magicseg.launch -- stages/{name}.py ")
+    tracked = {n: [k for k in s.get("params", []) if str(k).startswith("launch")]
+               for n, s in stages.items()}  # fmt: skip
+    assert tracked["train"] == ["launch.processes", "launch.nodes"]
+    assert tracked["check"] == ["launch"]  # the pre-flight reads it all
+    assert not any(tracked[n] for n in stages if n not in ("train", "check"))
+
+
 # --------------------------------------------------------------------------------------------
 # commands
 # --------------------------------------------------------------------------------------------
