@@ -115,7 +115,14 @@ def test_closures_stay_small(stage):
 # a light root, no circles
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "module", ["magicseg", "magicseg.core.config", "magicseg.core.stage", "magicseg.evaluation"]
+    "module",
+    [
+        "magicseg",
+        "magicseg.core.config",
+        "magicseg.core.stage",
+        "magicseg.evaluation",
+        "magicseg.launch",  # started by DVC before every launched stage
+    ],
 )
 def test_import_loads_no_torch(module):
     code = (
