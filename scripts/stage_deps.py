@@ -1,7 +1,8 @@
 """The library modules each pipeline stage can run, and whether dvc.yaml's deps cover them.
 
-A stage runs ``stages/<stage>.py``; what it can execute of ``src/magicseg`` is the import
-closure of that script: every ``import``/``from ... import`` anywhere in a module (function-
+A stage runs ``stages/<stage>.py`` (through ``python -m magicseg.launch`` for the launched
+stages); what it can execute of ``src/magicseg`` is the import closure of that script and of
+the modules its ``cmd`` runs with ``python -m``: every ``import``/``from ... import`` anywhere in a module (function-
 local ones included: backends load that way), relative imports resolved, ``from pkg import
 name`` counted when ``name`` is a submodule, and every parent package's ``__init__.py`` (Python
 runs it on import). A DVC dep covers a file equal to it or under it.
@@ -69,7 +70,12 @@ def edges(module: str) -> set[str]:
 
 def closure(script: Path) -> set[str]:
     """Every ``magicseg`` module that running ``script`` can import (see the module doc)."""
-    todo = [n for n in imported_names(script) if module_file(n) is not None]
+    return _expand(imported_names(script))
+
+
+def _expand(names: set[str]) -> set[str]:
+    """``names`` (those that are modules), their parent packages and all they import."""
+    todo = [n for n in names if module_file(n) is not None]
     seen: set[str] = set()
     while todo:
         name = todo.pop()
@@ -87,6 +93,20 @@ def stage_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, list[str]]:
     return {name: list(stage.get("deps", [])) for name, stage in stages.items()}
 
 
+def cmd_modules(stage: str, dvc_yaml: Path = ROOT / "dvc.yaml") -> set[str]:
+    """``magicseg`` modules the stage's ``cmd`` runs with ``python -m`` (the launcher)."""
+    cmd = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]["cmd"]
+    words = cmd.split()
+    pairs = zip(words, words[1:], strict=False)
+    return {b for a, b in pairs if a == "-m" and b.startswith(PACKAGE)}
+
+
+def stage_closure(stage: str) -> set[str]:
+    """What running the stage can import: its script's closure and that of every module its
+    ``cmd`` runs with ``python -m`` (``magicseg.launch``)."""
+    return closure(ROOT / "stages" / f"{stage}.py") | _expand(cmd_modules(stage))
+
+
 def covered(path: str, deps: list[str]) -> bool:
     """True when a dep is ``path`` or a directory above it."""
     return any(path == d.rstrip("/") or path.startswith(d.rstrip("/") + "/") for d in deps)
@@ -97,16 +117,16 @@ def relative(module: str) -> str:
 
 
 def uncovered(stage: str, deps: list[str]) -> list[str]:
-    """Files of the stage's script closure (and the script) no dep covers."""
+    """Files of the stage's closure (:func:`stage_closure`) and its script no dep covers."""
     script = ROOT / "stages" / f"{stage}.py"
-    files = [str(script.relative_to(ROOT))] + sorted(relative(m) for m in closure(script))
+    files = [str(script.relative_to(ROOT))] + sorted(relative(m) for m in stage_closure(stage))
     return [f for f in files if not covered(f, deps)]
 
 
 def main() -> int:
     bad = 0
     for stage, deps in stage_deps().items():
-        mods = sorted(closure(ROOT / "stages" / f"{stage}.py"))
+        mods = sorted(stage_closure(stage))
         missing = uncovered(stage, deps)
         bad += len(missing)
         print(f"{stage}: {len(mods)} modules: {' '.join(m[len(PACKAGE) + 1 :] for m in mods)}")

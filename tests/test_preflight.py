@@ -347,10 +347,13 @@ def test_magicseg_check_command(tmp_path, monkeypatch):
     assert "error   vocabulary.file: nope.txt does not exist" in res.output
     assert res.output.strip().splitlines()[-1] == "error: vocabulary.file: nope.txt does not exist"
 
-    params.write_text(yaml.safe_dump({}))  # the offline default: disk only
+    params.write_text(yaml.safe_dump({}))  # the offline default: disk and the launch
     res = CliRunner().invoke(app, ["check", "--params", str(params)])
-    assert res.exit_code == 0 and res.output.splitlines()[0].startswith("ok      disk: ")
-    assert res.output.strip().endswith("check: passed (1 checks, 0 warnings)")
+    lines = res.output.splitlines()
+    assert res.exit_code == 0 and lines[0].startswith("ok      disk: ")
+    assert lines[1] == "ok      launch.processes: 1 process (no GPU here)"
+    assert lines[2].startswith("ok      launch.nodes: 1 node: data and .cache/magicseg writable")
+    assert res.output.strip().endswith("check: passed (3 checks, 0 warnings)")
 
 
 def test_check_stage_script(tmp_path):

@@ -19,7 +19,10 @@ params key:
    cannot run (float16 on a CPU), is an error; a data
    stage's model (Stable Diffusion, Grounded-SAM, a local LLM) on a CPU a warning; for
    ``train.architecture: clip`` a lower bound of the training time (the steps' FLOPs at this
-   device's measured matmul rate), a warning on a CPU beyond :data:`CPU_TRAIN_WARNING_S`.
+   device's measured matmul rate), a warning on a CPU beyond :data:`CPU_TRAIN_WARNING_S`;
+7. the ``launch`` section (:func:`check_launch`): processes against the visible GPUs (gloo on
+   a CPU) and the global batch, the launcher, and that every node sees the output and cache
+   directories (a shared filesystem; on one node, that they are writable).
 
 Free disk and the devices are facts of this machine (``Check.machine``): printed, never written
 to the report the ``check`` stage leaves for DVC, whose content is the verdict alone, so a
@@ -29,9 +32,11 @@ Used by ``magicseg check`` and the ``check`` stage (``stages/check.py``).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import subprocess
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -392,6 +397,130 @@ def _train_time(p: Params, measure: Callable) -> Check:
 
 
 # --------------------------------------------------------------------------------------------
+# 7. the launch
+# --------------------------------------------------------------------------------------------
+SHARED_DIRS = ("data", ".cache/magicseg")
+"""Where the launched stages' ranks meet (outputs and shards, the per-sample caches and the
+training state), relative to the repository: every node must see them."""
+
+
+def check_launch(
+    p: Params,
+    where: str | Path = ".",
+    gpus: int | None = None,
+    env: Mapping[str, str] | None = None,
+    run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+) -> list[Check]:
+    """The ``launch`` section against this machine, one line each: the processes against the
+    visible GPUs (gloo on a CPU) and the global batch; the launcher (only for more than one
+    process); every node sees :data:`SHARED_DIRS` (several nodes: a token written here is read
+    back by an ``srun`` task on each node; one node: the directories are writable).
+    ``gpus``/``env``/``run``: the visible GPUs, environment and ``subprocess.run`` (tests)."""
+    from magicseg.launch import Slurm, check_allocation, processes_per_node, visible_gpus
+
+    launch, env = p.launch, os.environ if env is None else env
+    gpus = visible_gpus() if gpus is None else gpus
+    procs = processes_per_node(launch, gpus)
+    world = procs * launch.nodes
+    out = [_processes_line(p, procs, world, gpus)]
+    slurm = Slurm.from_env(env)
+    if world > 1:
+        out.append(_launcher_line(p, slurm, check_allocation))
+    if out[-1].key != "launch.nodes":  # else no allocation to look at the nodes with
+        out.append(_shared_dirs_line(p, Path(where), slurm, run))
+    return out
+
+
+def _processes_line(p: Params, procs: int, world: int, gpus: int) -> Check:
+    key = "launch.processes"
+    nodes = f" on each of {p.launch.nodes} nodes" if p.launch.nodes > 1 else ""
+    if p.train.batch_size % world:
+        return Check(
+            "error",
+            "train.batch_size",
+            f"{p.train.batch_size} images a step do not split over {world} processes"
+            f"{f' ({procs}{nodes})' if nodes else ''}: make it a multiple of {world}",
+            True,
+        )
+    if gpus == 0:
+        if procs == 1:
+            return Check("ok", key, f"1 process{nodes} (no GPU here)", True)
+        return Check("ok", key, f"{procs} processes{nodes} on the CPU: gloo, no GPU here", True)
+    if procs > gpus:
+        return Check(
+            "error",
+            key,
+            f"{procs} processes{nodes}, {gpus} GPUs visible: one GPU a process (at most {gpus}, "
+            "or auto)",
+            True,
+        )
+    share = f"{procs} of the {gpus} visible GPUs (auto: all)" if procs < gpus else "every GPU"
+    status: Status = "warning" if procs < gpus else "ok"
+    return Check(status, key, f"{procs} processes{nodes}, one a GPU: {share}", True)
+
+
+def _launcher_line(p: Params, slurm, check_allocation: Callable) -> Check:
+    key, launcher = "launch.launcher", p.launch.launcher
+    try:
+        check_allocation(p.launch, slurm)
+    except MagicsegError as err:
+        return Check("error", "launch.nodes", _strip_key(str(err), "launch.nodes"), True)
+    if launcher == "accelerate" and importlib.util.find_spec("accelerate") is None:
+        return Check("error", key, "accelerate is not installed", True)
+    if launcher == "srun" or p.launch.nodes > 1:
+        if slurm.job_id is None:
+            return Check(
+                "error", key, f"{launcher} needs a SLURM allocation (sbatch, salloc)", True
+            )
+        if shutil.which("srun") is None:
+            return Check("error", key, "srun is not on PATH", True)
+    where = f" in SLURM job {slurm.job_id}" if slurm.job_id else ""
+    return Check("ok", key, f"{launcher}{where}", True)
+
+
+def _shared_dirs_line(p: Params, root: Path, slurm, run: Callable) -> Check:
+    key, nodes = "launch.nodes", p.launch.nodes
+    dirs = [root / d for d in SHARED_DIRS]
+    names = " and ".join(SHARED_DIRS)
+    token = os.urandom(8).hex()
+    marks = []
+    try:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            mark = d / f".magicseg-shared-{token}"
+            mark.write_text(token + "\n")
+            marks.append(mark)
+        if nodes == 1:
+            return Check(
+                "ok",
+                key,
+                f"1 node: {names} writable (several nodes need them on a filesystem every "
+                "node shares)",
+                True,
+            )
+        if shutil.which("srun") is None:
+            return Check("error", key, f"{nodes} nodes: srun is not on PATH", True)
+        cmd = ["srun", "--nodes", str(nodes), "--ntasks-per-node", "1", "--label"]
+        cmd += ["cat", *map(str, marks)]
+        seen = run(cmd, capture_output=True, text=True, timeout=300)
+        found = [line for line in seen.stdout.splitlines() if line.endswith(token)]
+        if seen.returncode != 0 or len(found) < nodes * len(marks):
+            return Check(
+                "error",
+                key,
+                f"not every node of job {slurm.job_id} sees {names} under {root.resolve()}: put "
+                f"the repository on a filesystem all {nodes} nodes share",
+                True,
+            )
+        return Check("ok", key, f"all {nodes} nodes see {names} under {root.resolve()}", True)
+    except OSError as err:
+        return Check("error", key, f"cannot write in {err.filename}: {err.strerror}", True)
+    finally:
+        for mark in marks:
+            mark.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
 # all of it
 # --------------------------------------------------------------------------------------------
 def run_checks(
@@ -408,6 +537,7 @@ def run_checks(
     yield from check_benchmarks(p)
     yield check_disk(p, where)
     yield from check_devices(p, measure)
+    yield from check_launch(p, where)
 
 
 def preflight(
@@ -444,4 +574,4 @@ def report() -> dict:
     }
 
 
-__all__ = ["Check", "PreflightError", "preflight", "report", "run_checks"]
+__all__ = ["Check", "PreflightError", "check_launch", "preflight", "report", "run_checks"]

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from magicseg.core.errors import ConfigError
 
@@ -528,6 +535,49 @@ class EvaluateParams(Section):
 
 
 # --------------------------------------------------------------------------------------------
+# launch
+# --------------------------------------------------------------------------------------------
+class LaunchParams(Section):
+    """How ``generate``, ``label`` and ``train`` are started (``python -m magicseg.launch``):
+    the number of processes, never what they make. One process is plain ``python``."""
+
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    """Processes per node, one per GPU; ``auto``: the GPUs visible on the node (1 without a
+    GPU). Several on a CPU run with gloo, the same code."""
+    nodes: int = Field(1, ge=1)
+    """Nodes of a SLURM allocation to run on (more than 1 needs ``sbatch``/``salloc``); every
+    node must see the repository, its output and cache directories (a shared filesystem)."""
+    launcher: Literal["torchrun", "accelerate", "srun"] = "torchrun"
+    """What starts several processes: ``torchrun`` (one per node, under ``srun`` on several
+    nodes), ``accelerate launch`` (likewise), or ``srun`` alone (one SLURM task per process)."""
+    rdzv_endpoint: str | None = None
+    """Rendezvous ``host:port``; null: a free local port on one node, the allocation's first
+    node at port 29500 on several."""
+    rdzv_id: str | None = None
+    """Rendezvous id shared by the nodes of one launch; null: ``SLURM_JOB_ID`` (``magicseg``
+    outside SLURM)."""
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _int_or_auto(cls, value: Any) -> Any:
+        ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool))
+        if not ok or (value != "auto" and value < 1):
+            raise ValueError(f"must be an integer >= 1 or auto (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> LaunchParams:
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"rdzv_endpoint: must be host:port with a port in 1..65535 "
+                    f"(got {self.rdzv_endpoint!r})"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
 # the whole file
 # --------------------------------------------------------------------------------------------
 class Params(Section):
@@ -543,6 +593,7 @@ class Params(Section):
     filter: FilterParams = FilterParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    launch: LaunchParams = LaunchParams()
 
 
 RENAMED: dict[str, str | tuple[str, ...]] = {
