@@ -211,9 +211,10 @@ class DifferenceLabelerParams(Section):
 
 class GroundedSamParams(Section):
     detector_checkpoint: str = "IDEA-Research/grounding-dino-tiny"
-    """Grounding DINO checkpoint: hub id or local directory."""
+    """Detector checkpoint, hub id or local directory: Grounding DINO or MM-Grounding-DINO
+    (LLMDet checkpoints are MM-Grounding-DINO models), told apart by its config's model type."""
     sam_checkpoint: str = "facebook/sam-vit-huge"
-    """SAM checkpoint: hub id or local directory."""
+    """Mask segmenter checkpoint, hub id or local directory: SAM or SAM 2.1 (by model type)."""
     box_threshold: float = Field(0.3, ge=0.0, le=1.0)
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
