@@ -143,3 +143,121 @@ def test_sam2_without_preprocessor_config_is_refused_in_one_line(dirs, tmp_path)
     )
     with pytest.raises(BackendError, match="sam_checkpoint: .* no usable preprocessor_config"):
         GroundedSamLabeler(params)
+
+
+# --------------------------------------------------------------------------------------------
+# SAM 3: one model, text in, instances and presence out
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sam3_dir(tmp_path_factory):
+    from tests.tiny_labelers import save_sam3
+
+    return save_sam3(tmp_path_factory.mktemp("sam3"))
+
+
+def _sam3(sam3_dir, **kw):
+    from magicseg.core.config import Sam3Params
+    from magicseg.label.sam3 import Sam3Labeler
+
+    base = {"checkpoint": str(sam3_dir), "accept_licence": True, "device": "cpu"}
+    return Sam3Labeler(Sam3Params(**{**base, **kw}))
+
+
+def _item(seed=0, shape=(96, 128)):
+    image = _image(shape, seed)
+    return LabelInput(f"s{seed}", image, image[::-1].copy(), (3, 7), ("school bus", "owl"))
+
+
+def test_sam3_is_refused_without_the_licence_opt_in(sam3_dir):
+    from magicseg.core.config import LabelParams, Sam3Params
+    from magicseg.label import LABELERS
+
+    params = LabelParams(backend="sam3", sam3=Sam3Params(checkpoint=str(sam3_dir)))
+    with pytest.raises(BackendError) as err:
+        LABELERS.build("sam3", params)
+    msg = str(err.value)
+    assert msg.startswith("label.sam3.accept_licence: ") and "SAM License" in msg
+    assert "\n" not in msg
+
+
+def test_sam3_checkpoint_of_another_model_type_is_refused(dirs):
+    with pytest.raises(BackendError, match="label.sam3.checkpoint: .* is a 'sam2' model"):
+        _sam3(dirs["sam2"])
+
+
+def test_sam3_preprocessing_matches_the_processor_recipe(sam3_dir):
+    lab = _sam3(sam3_dir)
+    assert lab.proc.size == (112, 112) and lab.proc.image_mean == (0.5, 0.5, 0.5)
+    images = [_image((96, 128)), _image((300, 200), seed=1)]
+    pixels = resized_pixels(images, lab.proc, "cpu", torch.float32)
+    for got, image in zip(pixels, images, strict=True):
+        assert (got - _pil_reference(image, lab.proc)).abs().max() < 0.01  # 1 / 255 / 0.5
+
+
+def test_sam3_labels_are_class_indexed_and_batch_invariant(sam3_dir):
+    lab = _sam3(sam3_dir, score_threshold=0.0, max_detections=5, batch_size=4)
+    items = [_item(0), _item(1, (64, 80)), _item(2)]
+    results = lab.label(items, ignore=255)
+    for item, res in zip(items, results, strict=True):
+        assert res.mask.shape == item.positive.shape[:2]
+        assert set(np.unique(res.mask)) <= {0, 3, 7}
+        assert len(res.detections) == 5  # threshold 0: every query of both classes, best 5
+        scores = [d["score"] for d in res.detections]
+        assert scores == sorted(scores, reverse=True)
+        assert res.scores == pytest.approx(
+            [
+                max([d["score"] for d in res.detections if d["class_id"] == c] or [0])
+                for c in (3, 7)
+            ],
+            abs=1e-5,
+        )
+        assert len(res.meta["presence"]) == 2
+    # one prompt per forward (each image embedding taken once per prompt) gives the same
+    one = _sam3(sam3_dir, score_threshold=0.0, max_detections=5, batch_size=1)
+    for a, b in zip(results, one.label(items, ignore=255), strict=True):
+        assert np.array_equal(a.mask, b.mask)
+        boxes_a = np.array([d["box"] for d in a.detections])
+        assert np.allclose(boxes_a, [d["box"] for d in b.detections], atol=0.05)
+
+
+class ScriptedPresence(torch.nn.Module):
+    """The real tiny SAM 3 whose outputs are overridden per prompt: the class ``owl`` is
+    present (presence and instance logits +4), every other class absent (-4)."""
+
+    def __init__(self, model, owl_ids: list[int]):
+        super().__init__()
+        self.model, self.owl = model, torch.tensor(owl_ids)
+
+    def get_vision_features(self, **kw):
+        return self.model.get_vision_features(**kw)
+
+    def forward(self, **kw):
+        out = self.model(**kw)
+        owl = (kw["input_ids"] == self.owl).all(dim=1)
+        sign = torch.where(owl, 4.0, -4.0)
+        out.presence_logits = sign[:, None].expand_as(out.presence_logits).clone()
+        out.pred_logits = sign[:, None].expand_as(out.pred_logits).clone()
+        return out
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(0.5, [False, True]), (0.99, [False, False])])
+def test_sam3_presence_on_the_counterfactual_is_the_check(sam3_dir, threshold, expected):
+    lab = _sam3(sam3_dir, score_threshold=0.5, cf_presence_threshold=threshold)
+    lab.model = ScriptedPresence(lab.model, lab._tokens("owl")[0])
+    (res,) = lab.label([_item()], ignore=255)
+    assert {d["class_id"] for d in res.detections} == {7}  # only the owl's instances
+    assert res.scores[0] == 0.0 and res.scores[1] == pytest.approx(0.982**2, abs=1e-3)
+    assert set(np.unique(res.mask)) <= {0, 7}
+    assert res.meta["cf_presence"] == pytest.approx([0.018, 0.982], abs=1e-3)
+    assert res.cf_detected == expected
+    assert 0.0 <= res.cf_agreement <= 1.0
+
+
+def test_sam3_without_instances_skips_the_counterfactual(sam3_dir):
+    lab = _sam3(sam3_dir, score_threshold=1.0)
+    (res,) = lab.label([_item()], ignore=255)
+    assert res.detections == [] and not res.mask.any()
+    assert res.meta["cf_checked"] is False and res.cf_detected == [False, False]
+    off = _sam3(sam3_dir, score_threshold=1.0, cf_check=False)
+    (res,) = off.label([_item()], ignore=255)
+    assert res.cf_detected is None and res.cf_agreement is None

@@ -347,16 +347,18 @@ def resized_pixels(
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def check_source(key: str, source: str, expected: Sequence[str]) -> str:
+def check_source(
+    key: str, source: str, expected: Sequence[str], block: str = "label.grounded_sam"
+) -> str:
     """The loadable form of a hub id or local directory whose config is one of the
-    ``expected`` model types; a one-line BackendError naming ``label.grounded_sam.<key>``
+    ``expected`` model types; a one-line BackendError naming ``<block>.<key>``
     otherwise. :func:`magicseg.hub.check_model_source` first (path exists, id cached or the
     hub answers), then the config alone is read (no weights)."""
     from transformers import AutoConfig
 
     from magicseg.hub import check_model_source
 
-    name = f"label.grounded_sam.{key}"
+    name = f"{block}.{key}"
     where = check_model_source(source, name)
     path = Path(source).expanduser()
     try:
