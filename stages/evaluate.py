@@ -1,5 +1,5 @@
-"""Stage `evaluate`: the trained segmenter (or the Grounded-SAM baseline) on the held-out
-procedural test set (seen vs held-out classes) and on the enabled real datasets (VOC,
+"""Stage `evaluate`: the trained segmenter (or the Grounded-SAM or SAM 3 baseline) on the
+held-out procedural test set (seen vs held-out classes) and on the enabled real datasets (VOC,
 Context, COCO-Object, LVIS)."""
 
 from pathlib import Path
@@ -23,7 +23,15 @@ def main(
     p = load_params(params_file)
     size = (p.generate.height, p.generate.width)
     result = run_evaluate(
-        checkpoint, vocab, p.evaluate, p.seed, p.label.grounded_sam, size, metrics, plots
+        checkpoint,
+        vocab,
+        p.evaluate,
+        p.seed,
+        p.label.grounded_sam,
+        size,
+        metrics,
+        plots,
+        sam3=p.label.sam3,
     )
     for name, m in result.items():
         if isinstance(m, dict) and "miou" in m:

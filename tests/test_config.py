@@ -28,6 +28,52 @@ def test_params_yaml_is_the_composed_offline_profile(tmp_path):
     assert yaml.safe_load(out.read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
+LABELERS = {
+    "grounded-sam": ("grounded_sam", "IDEA-Research/grounding-dino-tiny", "facebook/sam-vit-huge"),
+    "mm-gdino-sam21": (
+        "grounded_sam",
+        "openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg_v3det",
+        "facebook/sam2.1-hiera-large",
+    ),
+    "llmdet-sam21": ("grounded_sam", "iSEE-Laboratory/llmdet_tiny", "facebook/sam2.1-hiera-large"),
+    "sam3": ("sam3", "facebook/sam3", None),
+}
+
+
+@pytest.mark.parametrize("labeler", sorted(LABELERS))
+def test_labeler_groups_compose_over_a_profile(tmp_path, labeler):
+    """``-S profile=magicseg -S labeler=<name>``: the labeler's keys, the profile's others."""
+    from dvc.utils.hydra import compose_and_dump
+
+    assert sorted(p.stem for p in (ROOT / "conf/labeler").glob("*.yaml")) == sorted(LABELERS)
+    out = tmp_path / "params.yaml"
+    overrides = ["profile=magicseg", f"labeler={labeler}"]
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(tmp_path), overrides)
+    p = load_params(out)
+    backend, first, second = LABELERS[labeler]
+    assert p.label.backend == backend
+    if backend == "sam3":
+        assert p.label.sam3.checkpoint == first
+        assert p.label.sam3.accept_licence is False  # the opt-in stays the user's
+    else:
+        assert (p.label.grounded_sam.detector_checkpoint, p.label.grounded_sam.sam_checkpoint) == (
+            first,
+            second,
+        )
+    # the profile is kept: the magicseg profile's own values
+    assert p.profile == "magicseg" and p.filter.min_score == 0.3 and p.generate.height == 512
+
+
+def test_an_unknown_labeler_group_is_refused(tmp_path):
+    """Not ``optional`` in the defaults list: an optional group ignores a misspelt option."""
+    from dvc.utils.hydra import compose_and_dump
+
+    with pytest.raises(Exception, match="labeler/sam4"):
+        compose_and_dump(
+            tmp_path / "p.yaml", str(ROOT / "conf"), None, "config", str(tmp_path), ["labeler=sam4"]
+        )
+
+
 def test_paper_profile_composes_to_the_papers_setting(tmp_path):
     from dvc.utils.hydra import compose_and_dump
 

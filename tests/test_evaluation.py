@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tests.real_dataset_fixtures import make_context, make_voc
 
 from magicseg.core.config import EvaluateParams, GroundedSamParams
-from magicseg.core.errors import DataError
+from magicseg.core.errors import BackendError, DataError
 from magicseg.core.io import read_image, read_json, write_image
 from magicseg.evaluation.datasets import open_real_dataset
 from magicseg.evaluation.real import score_dataset, score_real_datasets
@@ -487,6 +487,62 @@ def test_grounded_sam_baseline_finds_the_scripted_object(tmp_path, gsam_dirs):
     assert set(np.unique(shown[0][2])) <= {0, 12}
     predicted = cms["voc"].matrix.sum(0)
     assert predicted[12] > 0 and predicted[1:12].sum() == 0 and predicted[13:].sum() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# the SAM 3 baseline
+# --------------------------------------------------------------------------------------------
+class FakeSam3:
+    """Records what the segmenter asks; two instances of two classes, overlapping."""
+
+    def __init__(self):
+        self.asked = None
+
+    def predict(self, images, classes):
+        from magicseg.label.sam3 import Prediction
+
+        self.asked = classes
+        ids, _ = classes[0]
+        h, w = images[0].shape[:2]
+        masks = np.zeros((2, h, w), bool)
+        masks[0, :4, :4] = True
+        masks[1, :8, :8] = True
+        dets = [Detection(ids[-1], 0.9, (0, 0, 4, 4)), Detection(ids[0], 0.5, (0, 0, 8, 8))]
+        return [Prediction(dets, masks, [0.9] * len(ids)), Prediction([], None, [0.0] * len(ids))]
+
+
+def test_sam3_segmenter_prompts_every_class_and_composes_by_score():
+    from magicseg.evaluation.segmenters import Sam3Segmenter
+
+    lab = FakeSam3()
+    seg = Sam3Segmenter(lab)
+    seg.set_classes(["bat (animal)", "dog", "wood"])
+    [(with_bg, fg), (empty, _)] = seg.segment([np.zeros((10, 12, 3), np.uint8)] * 2)
+    assert lab.asked == [((1, 2, 3), ("bat", "dog", "wood"))] * 2  # display names, 1-based
+    assert torch.equal(with_bg, fg)
+    assert (with_bg[:4, :4] == 3).all() and (with_bg[4:8, 4:8] == 1).all()
+    assert (with_bg[8:] == 0).all() and not empty.any()
+
+
+def test_sam3_baseline_runs_by_name_and_needs_the_licence(tmp_path, tiny_data):
+    """``evaluate.segmenter: sam3`` through the real loading path (random tiny SAM 3)."""
+    from tests.tiny_labelers import save_sam3
+
+    from magicseg.core.config import Sam3Params
+
+    vocab_dir, _, _ = tiny_data
+    voc, _ = make_voc(tmp_path, classes=(12,))
+    sam3 = Sam3Params(checkpoint=str(save_sam3(tmp_path / "models")), device="cpu")
+    params = EvaluateParams(
+        segmenter="sam3", test_samples=2, gallery_samples=1, voc={"enabled": True, "root": str(voc)}
+    )
+    kw = {"procedural_size": (48, 48), "sam3": sam3}
+    with pytest.raises(BackendError, match="^label.sam3.accept_licence: "):
+        run_evaluate(None, vocab_dir, params, seed=0, **kw)
+    kw["sam3"] = sam3.model_copy(update={"accept_licence": True})
+    m = run_evaluate(None, vocab_dir, params, seed=0, metrics_path=tmp_path / "e.json", **kw)
+    assert m["procedural"]["samples"] == 2 and m["procedural"]["segmenter"] == "sam3"
+    assert m["voc"]["segmenter"] == "sam3" and 0.0 <= m["voc"]["miou"] <= 1.0
 
 
 # --------------------------------------------------------------------------------------------

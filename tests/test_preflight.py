@@ -194,6 +194,62 @@ def test_a_wrong_model_type_and_a_directory_without_model_index(tmp_path, key_en
     assert "not a diffusers pipeline directory" in by["generate.diffusers.checkpoint"].message
 
 
+def _modern_configs(root: Path) -> dict[str, Path]:
+    """Configs alone (no weights) of MM-Grounding-DINO, SAM 2.1 and SAM 3."""
+    from transformers import MMGroundingDinoConfig, Sam2Config, Sam3Config
+
+    MMGroundingDinoConfig().save_pretrained(root / "mm-gdino")
+    Sam2Config().save_pretrained(root / "sam2")
+    Sam3Config().save_pretrained(root / "sam3")
+    return {n: root / n for n in ("mm-gdino", "sam2", "sam3")}
+
+
+def test_modern_detector_and_segmenter_pass_by_model_type(tmp_path, key_env):
+    m = _modern_configs(tmp_path / "modern")
+    p = _paper(
+        tmp_path,
+        label={
+            "grounded_sam": {
+                "detector_checkpoint": str(m["mm-gdino"]),
+                "sam_checkpoint": str(m["sam2"]),
+            }
+        },
+    )
+    by = _by_key(list(run_checks(p, tmp_path, measure=one_tflops)))
+    det, seg = by["label.grounded_sam.detector_checkpoint"], by["label.grounded_sam.sam_checkpoint"]
+    assert det.status == "ok" and det.message.endswith("(a mm-grounding-dino checkpoint)")
+    assert seg.status == "ok" and seg.message.endswith("(a sam2 checkpoint)")
+    assert "label.sam3.accept_licence" not in by  # SAM 3 does not run
+
+
+@pytest.mark.parametrize("where", ["label", "evaluate"])
+def test_sam3_needs_the_licence_opt_in_and_a_sam3_checkpoint(tmp_path, key_env, where):
+    m = _modern_configs(tmp_path / "modern")
+    backend = "sam3" if where == "label" else "grounded_sam"
+    segmenter = "sam3" if where == "evaluate" else "trained"
+    ok = {"checkpoint": str(m["sam3"])}
+    p = _paper(
+        tmp_path / "a", label={"backend": backend, "sam3": ok}, evaluate={"segmenter": segmenter}
+    )
+    by = _by_key(list(run_checks(p, tmp_path, measure=one_tflops)))
+    lic = by["label.sam3.accept_licence"]
+    assert lic.status == "error" and "SAM License" in lic.message and "\n" not in lic.message
+    assert by["label.sam3.checkpoint"].message.endswith("(a sam3 checkpoint)")
+    with pytest.raises(PreflightError, match="^label.sam3.accept_licence: "):
+        preflight(p, where=tmp_path, echo=lambda _: None, measure=one_tflops)
+
+    wrong = {"checkpoint": str(m["sam2"]), "accept_licence": True, "device": "cpu"}
+    p = _paper(
+        tmp_path / "b", label={"backend": backend, "sam3": wrong}, evaluate={"segmenter": segmenter}
+    )
+    by = _by_key(list(run_checks(p, tmp_path, measure=one_tflops)))
+    assert by["label.sam3.accept_licence"].status == "ok"
+    bad = by["label.sam3.checkpoint"]
+    assert bad.status == "error" and "is a 'sam2' model, expected 'sam3'" in bad.message
+    if where == "label":  # a model stage on this CPU: a warning naming the work
+        assert "through SAM 3" in by["label.sam3.device"].message
+
+
 def test_llm_key_variable_server_and_model(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     by = _by_key(list(run_checks(_paper(tmp_path), tmp_path, measure=one_tflops)))

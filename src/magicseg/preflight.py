@@ -9,7 +9,9 @@ params key:
 1. every model reference the enabled backends will load (:func:`magicseg.hub.
    check_model_source`: a local directory that exists, an id in the Hugging Face cache, or a
    hub that answers; offline mode refuses uncached ids), through the backends' own checks
-   (a diffusers directory needs ``model_index.json``, Grounding DINO and SAM their model type);
+   (a diffusers directory needs ``model_index.json``; the labelers' checkpoints their model
+   type: Grounding DINO or MM-Grounding-DINO/LLMDet, SAM or SAM 2.1, SAM 3); SAM 3's licence
+   opt-in (``label.sam3.accept_licence``, the SAM License) where SAM 3 will run;
 2. the LLM endpoint of ``prompts.writer: openai``: the key variable set, the server answering
    ``GET /models`` within a few seconds and accepting the key, the model listed;
 3. every enabled benchmark's root and layout (the readers' own checks, nothing read);
@@ -130,6 +132,18 @@ def model_references(p: Params) -> list[tuple[str, str, Callable[[], str]]]:
         ):
             key = f"label.grounded_sam.{name}"
             out.append((key, ref, lambda n=name, r=ref, t=types: _typed(n, r, t, check_source)))
+    if uses_sam3(p):
+        from magicseg.label.grounded_sam import check_source
+        from magicseg.label.sam3 import MODEL_TYPES
+
+        key, ref = "label.sam3.checkpoint", p.label.sam3.checkpoint
+        out.append(
+            (
+                key,
+                ref,
+                lambda r=ref: _typed("checkpoint", r, MODEL_TYPES, check_source, "label.sam3"),
+            )
+        )
     if p.train.architecture == "clip":
         key, ref = "train.clip.checkpoint", p.train.clip.checkpoint
         out.append((key, ref, hub(ref, key)))
@@ -143,13 +157,35 @@ def _diffusers(ref: str, key: str, resolve: Callable[[str, str], str]) -> str:
     return f"a diffusers pipeline, {WHERE[check_model_source(ref, key)]}"
 
 
-def _typed(name: str, ref: str, types: tuple[str, ...], check: Callable) -> str:
-    check(name, ref, types)
-    return f"a {' or '.join(types)} checkpoint"
+def _typed(
+    name: str, ref: str, types: tuple[str, ...], check: Callable, block: str = "label.grounded_sam"
+) -> str:
+    from magicseg.label.grounded_sam import model_type
+
+    return f"a {model_type(check(name, ref, types, block))} checkpoint"
+
+
+def uses_sam3(p: Params) -> bool:
+    """SAM 3 will run: as the labeler or as the evaluated baseline."""
+    return p.label.backend == "sam3" or p.evaluate.segmenter == "sam3"
+
+
+def check_licences(p: Params) -> list[Check]:
+    """The opt-in of every gated model that will run: SAM 3's SAM License."""
+    if not uses_sam3(p):
+        return []
+    key = "label.sam3.accept_licence"
+    if not p.label.sam3.accept_licence:
+        from magicseg.label.sam3 import LICENCE
+
+        return [Check("error", key, _strip_key(LICENCE, key))]
+    return [Check("ok", key, "the SAM License is accepted (SAM 3)")]
 
 
 def check_models(p: Params) -> list[Check]:
-    return [_guard(key, lambda r=ref, c=fn: f"{r} ({c()})") for key, ref, fn in model_references(p)]
+    out = check_licences(p)
+    out += [_guard(key, lambda r=ref, c=fn: f"{r} ({c()})") for key, ref, fn in model_references(p)]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +382,11 @@ def check_devices(p: Params, measure: Callable | None = None) -> list[Check]:
         both = " and their counterfactuals" if g.cf_check else ""
         work = f"{pairs} positives{both} through Grounding DINO + SAM"
         stages.append(("label.grounded_sam", g.device, g.dtype, work))
+    if p.label.backend == "sam3":
+        s3 = p.label.sam3
+        both = " and their counterfactuals" if s3.cf_check else ""
+        work = f"{pairs} positives{both} through SAM 3, one prompt per class"
+        stages.append(("label.sam3", s3.device, s3.dtype, work))
     if p.prompts.writer == "transformers":
         t = p.prompts.transformers
         work = f"{p.prompts.requests} requests through a local LLM"

@@ -232,9 +232,10 @@ class DifferenceLabelerParams(Section):
 
 class GroundedSamParams(Section):
     detector_checkpoint: str = "IDEA-Research/grounding-dino-tiny"
-    """Grounding DINO checkpoint: hub id or local directory."""
+    """Detector checkpoint, hub id or local directory: Grounding DINO or MM-Grounding-DINO
+    (LLMDet checkpoints are MM-Grounding-DINO models), told apart by its config's model type."""
     sam_checkpoint: str = "facebook/sam-vit-huge"
-    """SAM checkpoint: hub id or local directory."""
+    """Mask segmenter checkpoint, hub id or local directory: SAM or SAM 2.1 (by model type)."""
     box_threshold: float = Field(0.3, ge=0.0, le=1.0)
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
     box_score: Literal["class", "all"] = "class"
@@ -255,11 +256,37 @@ class GroundedSamParams(Section):
     still found there."""
 
 
+class Sam3Params(Section):
+    checkpoint: str = "facebook/sam3"
+    """SAM 3 checkpoint (``Sam3Model``): hub id or local directory."""
+    accept_licence: bool = False
+    """SAM 3's weights are gated under the SAM License (not an open-source licence): set true
+    to state that you accepted it; the labeler and the pre-flight refuse SAM 3 without."""
+    score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    """An instance is kept when its score (query probability x presence probability) is
+    above this."""
+    mask_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    """Mask probability above which a pixel belongs to an instance."""
+    max_detections: int = Field(20, ge=1)
+    """Most instances kept per image (the best-scoring, over all its classes)."""
+    cf_presence_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    """The counterfactual check: a class whose presence score on the counterfactual image is
+    above this is flagged as still there (``cf_detected``)."""
+    batch_size: int = Field(4, ge=1)
+    """(image, class) prompts per forward pass (one image embedding per image)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    cf_check: bool = True
+    """Also score the counterfactual image's presence for each class."""
+
+
 class LabelParams(Section):
-    backend: Literal["difference", "oracle", "grounded_sam"] = "difference"
-    """Labeler: `difference` (model-free), `oracle` (renderer masks), `grounded_sam`."""
+    backend: Literal["difference", "oracle", "grounded_sam", "sam3"] = "difference"
+    """Labeler: `difference` (model-free), `oracle` (renderer masks), `grounded_sam`
+    (a text-prompted detector + SAM), `sam3` (SAM 3 alone: text in, instance masks out)."""
     difference: DifferenceLabelerParams = DifferenceLabelerParams()
     grounded_sam: GroundedSamParams = GroundedSamParams()
+    sam3: Sam3Params = Sam3Params()
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,9 +514,9 @@ class ContextParams(RealDatasetParams):
 
 
 class EvaluateParams(Section):
-    segmenter: Literal["trained", "grounded_sam"] = "trained"
-    """What is evaluated: the trained checkpoint or the zero-shot Grounded-SAM baseline (the
-    ``label.grounded_sam`` block)."""
+    segmenter: Literal["trained", "grounded_sam", "sam3"] = "trained"
+    """What is evaluated: the trained checkpoint, or a zero-shot baseline: Grounded-SAM (the
+    ``label.grounded_sam`` block) or SAM 3 (the ``label.sam3`` block)."""
     test_samples: int = Field(600, ge=1)
     """Procedural held-out test images (rendered with seeds disjoint from training); the
     procedural test set needs ``vocabulary.source: procedural``."""

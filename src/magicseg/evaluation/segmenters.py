@@ -14,6 +14,10 @@ score background).
   :func:`magicseg.label.grounded_sam.build_captions`), boxes -> SAM masks -> a class map
   (overlaps by score), background where nothing was detected; images go in at their own size.
   Its two maps are the same (an undetected pixel is a miss where background is not scored).
+- ``sam3``: the ``label.sam3`` labeler the same way: every class name a text prompt of SAM 3,
+  its instances above ``score_threshold`` composed by score, background where none is. The
+  labeler's own score on the benchmarks: the ceiling a distilled segmenter can approach.
+  SAM 3 runs one prompt per (image, class), so its cost grows with the vocabulary.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from magicseg.core.config import EvaluateParams, GroundedSamParams
+from magicseg.core.config import EvaluateParams, GroundedSamParams, Sam3Params
 from magicseg.core.devices import resolve_device
 from magicseg.core.errors import BackendError
 from magicseg.core.vocabulary import display_name
@@ -77,6 +81,35 @@ class GroundedSamSegmenter:
         return out
 
 
+class Sam3Segmenter:
+    """The SAM 3 labeler (anything with its ``predict``) as a segmenter."""
+
+    def __init__(self, labeler) -> None:
+        self.labeler = labeler
+        self.ids: tuple[int, ...] = ()
+        self.names: tuple[str, ...] = ()
+
+    def set_classes(self, names: Sequence[str]) -> None:
+        self.ids = tuple(range(1, len(names) + 1))
+        self.names = tuple(display_name(n) for n in names)
+
+    def segment(self, images: Sequence[np.ndarray]) -> list[Labels]:
+        from magicseg.label.grounded_sam import compose_mask
+
+        images = list(images)
+        preds = self.labeler.predict(images, [(self.ids, self.names)] * len(images))
+        out = []
+        for image, pred in zip(images, preds, strict=True):
+            d = pred.detections
+            if d:
+                mask = compose_mask(pred.masks, [x.class_id for x in d], [x.score for x in d])
+            else:
+                mask = np.zeros(image.shape[:2], np.int64)
+            label = torch.from_numpy(mask)
+            out.append((label, label))
+        return out
+
+
 @dataclass
 class Segmenters:
     """The segmenter of each protocol: ``procedural`` (test set at the training size) and
@@ -94,10 +127,19 @@ def build_segmenters(
     checkpoint: str | Path | None = None,
     grounded_sam: GroundedSamParams | None = None,
     text_encoder=None,
+    sam3: Sam3Params | None = None,
 ) -> Segmenters:
     """The segmenters of ``params.segmenter``: ``trained`` loads ``checkpoint`` once (both
-    protocols share it); ``grounded_sam`` builds the labeler of the ``grounded_sam`` block
-    (the ``label.grounded_sam`` params). ``text_encoder`` overrides the checkpoint's (tests)."""
+    protocols share it); ``grounded_sam`` and ``sam3`` build the labeler of their block (the
+    ``label.grounded_sam`` / ``label.sam3`` params). ``text_encoder`` overrides the
+    checkpoint's (tests)."""
+    if params.segmenter == "sam3":
+        if sam3 is None:
+            raise BackendError("evaluate.segmenter: sam3 needs the label.sam3 block")
+        from magicseg.label.sam3 import Sam3Labeler
+
+        seg = Sam3Segmenter(Sam3Labeler(sam3))
+        return Segmenters("sam3", seg, seg)
     if params.segmenter == "grounded_sam":
         if grounded_sam is None:
             raise BackendError(

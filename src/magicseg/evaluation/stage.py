@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from magicseg.core.config import EvaluateParams, GroundedSamParams
+from magicseg.core.config import EvaluateParams, GroundedSamParams, Sam3Params
 from magicseg.core.errors import DataError
 from magicseg.core.io import write_json
 from magicseg.core.stage import load_vocabulary
@@ -26,6 +26,7 @@ def run_evaluate(
     metrics_path: str | Path | None = None,
     plots_dir: str | Path | None = None,
     text_encoder=None,
+    sam3: Sam3Params | None = None,
 ) -> dict:
     """The ``evaluate`` stage: ``params.segmenter`` scored on the procedural test set (when
     the vocabulary is the procedural catalogue, the only one it can render) and on the enabled
@@ -37,7 +38,8 @@ def run_evaluate(
     ``checkpoint``: the trained model (``segmenter: trained``; the procedural test set is
     rendered at its training size); ``grounded_sam``: the ``label.grounded_sam`` block
     (``segmenter: grounded_sam``; the test set at ``procedural_size`` = (H, W), give the
-    generate stage's). ``plots_dir`` receives ``per_class/<test set>.csv`` and
+    generate stage's); ``sam3``: the ``label.sam3`` block (``segmenter: sam3``, likewise).
+    ``plots_dir`` receives ``per_class/<test set>.csv`` and
     ``gallery/<test set>.png``. ``text_encoder`` overrides the checkpoint's (tests).
     """
     # 1. Inputs, checked before any model is loaded: real-dataset layouts, the vocabulary.
@@ -59,7 +61,7 @@ def run_evaluate(
         print(f"evaluate: {vocab.source!r} vocabulary: no procedural test set", file=sys.stderr)
 
     # 2. The segmenter (one checkpoint load for both protocols).
-    segmenters = build_segmenters(params, checkpoint, grounded_sam, text_encoder)
+    segmenters = build_segmenters(params, checkpoint, grounded_sam, text_encoder, sam3)
     metrics: dict = {}
 
     # 3. The procedural test set (seeds disjoint from training), at the training size.

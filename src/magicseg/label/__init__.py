@@ -61,6 +61,13 @@ def _grounded_sam(params: LabelParams) -> Labeler:
     return GroundedSamLabeler(params.grounded_sam, params.difference)
 
 
+@LABELERS.register("sam3")
+def _sam3(params: LabelParams) -> Labeler:
+    from magicseg.label.sam3 import Sam3Labeler
+
+    return Sam3Labeler(params.sam3, params.difference)
+
+
 @LABELERS.register("oracle")
 def _oracle(params: LabelParams) -> Labeler:
     from magicseg.label.difference import OracleLabeler

@@ -1,7 +1,11 @@
 """Grounded-SAM labeler: Grounding DINO boxes per class name, SAM masks per box.
 
-Pure PyTorch through ``transformers`` (``GroundingDinoForObjectDetection``, ``SamModel``); no
-CUDA extension. Differences from the official Grounded-SAM demo:
+Pure PyTorch through ``transformers``; no CUDA extension. The model classes follow each
+checkpoint's ``config.model_type`` (:data:`DETECTOR_TYPES`, :data:`SEGMENTER_TYPES`): Grounding
+DINO or MM-Grounding-DINO (LLMDet checkpoints are MM-Grounding-DINO models) as the detector,
+SAM or SAM 2.1 as the mask segmenter. SAM 2's image processor needs torchvision, so its
+preprocessing is done here from its ``preprocessor_config.json`` (:func:`sam2_pixels`).
+Differences from the official Grounded-SAM demo:
 
 - the caption is the sample's class names (``"school bus. owl."``) and every box keeps the
   class whose tokens it matched (token spans, not decoded strings), so the mask is
@@ -35,8 +39,16 @@ from magicseg.label.difference import difference_foreground
 if TYPE_CHECKING:
     import torch
 
-DETECTOR_TYPES = ("grounding-dino",)
-SEGMENTER_TYPES = ("sam",)
+DETECTOR_CLASSES = {
+    "grounding-dino": "GroundingDinoForObjectDetection",
+    "mm-grounding-dino": "MMGroundingDinoForObjectDetection",
+}
+"""``config.model_type`` -> the ``transformers`` class that loads it (LLMDet checkpoints are
+``mm-grounding-dino``); both take the same inputs and give the same outputs."""
+SEGMENTER_CLASSES = {"sam": "SamModel", "sam2": "Sam2Model"}
+"""``config.model_type`` -> the ``transformers`` class (SAM 2.1 checkpoints are ``sam2``)."""
+DETECTOR_TYPES = tuple(DETECTOR_CLASSES)
+SEGMENTER_TYPES = tuple(SEGMENTER_CLASSES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,19 +304,69 @@ def segmenter_pixels(
     return out.to(dtype), sizes
 
 
+@dataclass(frozen=True)
+class ResizeNormalise:
+    """A square-resize image processor's recipe (SAM 2, SAM 3), read from its
+    ``preprocessor_config.json`` without instantiating it (their processors need torchvision):
+    ``size`` (height, width) the model input, then ``x * rescale_factor``, minus
+    ``image_mean``, over ``image_std``."""
+
+    size: tuple[int, int]
+    rescale_factor: float
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+
+def read_resize_normalise(source: str, name: str) -> ResizeNormalise:
+    """:class:`ResizeNormalise` from ``preprocessor_config.json`` of a local directory or a
+    (cached) hub id; a one-line BackendError naming ``name`` when it is missing or unusable."""
+    import json
+
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(source, "preprocessor_config.json")
+        cfg = json.loads(Path(path).read_text())
+        size = cfg["size"]
+        return ResizeNormalise(
+            (int(size["height"]), int(size["width"])),
+            float(cfg.get("rescale_factor", 1 / 255)),
+            tuple(float(v) for v in cfg["image_mean"]),
+            tuple(float(v) for v in cfg["image_std"]),
+        )
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise BackendError(
+            f"{name}: {source!r} has no usable preprocessor_config.json "
+            f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+        ) from None
+
+
+def resized_pixels(
+    images: Sequence[np.ndarray], proc: ResizeNormalise, device: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """SAM 2 / SAM 3 inputs for HWC uint8 images, as their image processors make them (every
+    image resized to ``proc.size`` whatever its aspect, antialiased bilinear, rescaled,
+    normalised; no padding): BxCxHxW pixel values."""
+    import torch
+
+    return torch.cat([_normalise(_resized(im, proc.size, device), proc) for im in images]).to(dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def check_source(key: str, source: str, expected: Sequence[str]) -> str:
+def check_source(
+    key: str, source: str, expected: Sequence[str], block: str = "label.grounded_sam"
+) -> str:
     """The loadable form of a hub id or local directory whose config is one of the
-    ``expected`` model types; a one-line BackendError naming ``label.grounded_sam.<key>``
+    ``expected`` model types; a one-line BackendError naming ``<block>.<key>``
     otherwise. :func:`magicseg.hub.check_model_source` first (path exists, id cached or the
     hub answers), then the config alone is read (no weights)."""
     from transformers import AutoConfig
 
     from magicseg.hub import check_model_source
 
-    name = f"label.grounded_sam.{key}"
+    name = f"{block}.{key}"
     where = check_model_source(source, name)
     path = Path(source).expanduser()
     try:
@@ -313,11 +375,6 @@ def check_source(key: str, source: str, expected: Sequence[str]) -> str:
         raise BackendError(
             f"{name}: cannot load {source!r} ({str(err).strip().splitlines()[0]})"
         ) from None
-    if config.model_type.startswith("sam2"):
-        raise BackendError(
-            f"{name}: {source!r} is a SAM 2 checkpoint, not supported yet "
-            "(transformers' SAM 2 image processor needs torchvision); use a SAM checkpoint"
-        )
     if config.model_type not in expected:
         raise BackendError(
             f"{name}: {source!r} is a {config.model_type!r} model, expected "
@@ -326,17 +383,33 @@ def check_source(key: str, source: str, expected: Sequence[str]) -> str:
     return str(path) if where == "local" else source
 
 
+def model_type(source: str) -> str:
+    """``config.model_type`` of a checked source (:func:`check_source`), config only."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source).model_type
+
+
 def load_models(params: GroundedSamParams, device: str, dtype: torch.dtype) -> tuple:
-    """(detector, detector processor, segmenter, segmenter processor), eval mode on device."""
-    from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel
+    """(detector, detector processor, segmenter, segmenter processor), eval mode on device;
+    the classes follow the checkpoints' model types. A SAM 2 segmenter's "processor" is its
+    :class:`ResizeNormalise` recipe (its image processor needs torchvision)."""
+    import transformers
+    from transformers import AutoProcessor
 
     det_src = check_source("detector_checkpoint", params.detector_checkpoint, DETECTOR_TYPES)
     seg_src = check_source("sam_checkpoint", params.sam_checkpoint, SEGMENTER_TYPES)
+    det_cls = getattr(transformers, DETECTOR_CLASSES[model_type(det_src)])
+    seg_type = model_type(seg_src)
+    seg_cls = getattr(transformers, SEGMENTER_CLASSES[seg_type])
     try:
-        det = GroundingDinoForObjectDetection.from_pretrained(det_src, dtype=dtype)
+        det = det_cls.from_pretrained(det_src, dtype=dtype)
         det_proc = AutoProcessor.from_pretrained(det_src)
-        seg = SamModel.from_pretrained(seg_src, dtype=dtype)
-        seg_proc = AutoProcessor.from_pretrained(seg_src)
+        seg = seg_cls.from_pretrained(seg_src, dtype=dtype)
+        if seg_type == "sam2":
+            seg_proc = read_resize_normalise(seg_src, "label.grounded_sam.sam_checkpoint")
+        else:
+            seg_proc = AutoProcessor.from_pretrained(seg_src)
     except OSError as err:
         raise BackendError(
             f"label.grounded_sam: cannot load weights ({str(err).splitlines()[0]})"
@@ -491,6 +564,8 @@ class GroundedSamLabeler:
     ) -> list[np.ndarray | None]:
         """NxHxW boolean SAM masks per image (None for images without detections): encoder
         batched over images, all of an image's boxes decoded in one call."""
+        if self.segmenter.config.model_type == "sam2":
+            return self._segment_sam2(images, detections)
         torch = self._torch
         todo = [i for i, d in enumerate(detections) if d]
         out: list[np.ndarray | None] = [None] * len(images)
@@ -522,6 +597,42 @@ class GroundedSamLabeler:
                         [low], [(h, w)], [(nh, nw)]
                     )[0]
                     out[i] = full[:, 0].cpu().numpy()
+        return out
+
+    def _segment_sam2(
+        self, images: Sequence[np.ndarray], detections: Sequence[Sequence[Detection]]
+    ) -> list[np.ndarray | None]:
+        """:meth:`segment` for SAM 2.1: square inputs (boxes scaled per axis), multi-level
+        image embeddings, low-resolution masks upsampled to the image and thresholded at 0."""
+        torch = self._torch
+        import torch.nn.functional as F
+
+        proc: ResizeNormalise = self.seg_proc
+        todo = [i for i, d in enumerate(detections) if d]
+        out: list[np.ndarray | None] = [None] * len(images)
+        bs = self.params.batch_size
+        for start in range(0, len(todo), bs):
+            chunk = todo[start : start + bs]
+            with self.timings("sam_pre", self.device):
+                pixel_values = resized_pixels(
+                    [images[i] for i in chunk], proc, self.device, self.dtype
+                )
+            with self.timings("sam_encoder", self.device), torch.inference_mode():
+                emb = self.segmenter.get_image_embeddings(pixel_values)
+            for b, i in enumerate(chunk):
+                h, w = images[i].shape[:2]
+                nh, nw = proc.size
+                scale = np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
+                boxes = np.array([d.box for d in detections[i]], np.float32) * scale
+                with self.timings("sam_decoder", self.device), torch.inference_mode():
+                    res = self.segmenter(
+                        image_embeddings=[e[b : b + 1] for e in emb],
+                        input_boxes=torch.from_numpy(boxes)[None].to(self.device),
+                        multimask_output=False,
+                    )
+                    low = res.pred_masks[0, :, :1].float()  # N x 1 x h' x w'
+                    full = F.interpolate(low, (h, w), mode="bilinear", align_corners=False)
+                    out[i] = (full[:, 0] > 0).cpu().numpy()
         return out
 
 
