@@ -107,7 +107,7 @@ def model_references(p: Params) -> list[tuple[str, str, Callable[[], str]]]:
         key, ref = "prompts.transformers.checkpoint", p.prompts.transformers.checkpoint
         out.append((key, ref, hub(ref, key)))
     if p.generate.backend == "diffusers":
-        from magicseg.generate.diffusers_backend import resolve_model_source
+        from magicseg.generate.diffusers import resolve_model_source
 
         d = p.generate.diffusers
         refs = [("generate.diffusers.checkpoint", d.checkpoint)]
