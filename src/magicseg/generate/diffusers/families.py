@@ -113,6 +113,9 @@ class ModelFacts:
     family: str | None
     licence: str | None
     config: dict[str, Any] = field(default_factory=dict)
+    absent: tuple[str, ...] = ()
+    """Components ``model_index.json`` lists as saved without a model (``[null, null]``, e.g.
+    SD3's ``text_encoder_3``): they load as None."""
 
 
 def family_of(pipeline_class: str) -> str | None:
@@ -168,13 +171,16 @@ def _reader(source: str) -> Callable[[str], str | None]:
 
 def read_facts(source: str) -> ModelFacts | None:
     """The checkpoint's facts from the files on disk (no weights loaded); None when its
-    ``model_index.json`` is not on disk (an uncached hub id: known once loaded)."""
+    ``model_index.json`` is not on disk (an uncached hub id) or names no pipeline class:
+    known once loaded."""
     read = _reader(source)
     index_text = read("model_index.json")
     if index_text is None:
         return None
     index = json.loads(index_text)
-    pipeline = str(index.get("_class_name", ""))
+    if "_class_name" not in index:  # not written by save_pretrained: known once loaded
+        return None
+    pipeline = str(index["_class_name"])
     family = family_of(pipeline)
     config: dict[str, Any] = {}
     if family is not None:
@@ -184,7 +190,8 @@ def read_facts(source: str) -> ModelFacts | None:
     card = read("README.md")
     licence = LICENCES.get(source) or (_front_matter_licence(card) if card else None)
     licence = licence or _inferred_licence(pipeline, config)
-    return ModelFacts(pipeline, family, licence, config)
+    absent = tuple(k for k, v in index.items() if isinstance(v, list) and v == [None, None])
+    return ModelFacts(pipeline, family, licence, config, absent)
 
 
 def pipeline_facts(pipe, source: str) -> ModelFacts:
@@ -205,10 +212,9 @@ def pipeline_facts(pipe, source: str) -> ModelFacts:
 def check_params(opts: DiffusersGeneratorParams, facts: ModelFacts) -> Family:
     """The checkpoint's family, after refusing every param it cannot honour (a
     :class:`ConfigError` naming the key): an unsupported pipeline, a family that differs
-    from ``family``, a non-commercial licence without ``accept_noncommercial``, the
-    inpainting counterfactual without cross-attention, a scheduler swap on a flow-matching
-    model, guidance or a negative prompt a guidance-free model would ignore, the safety
-    checker or attention slicing where the pipeline has none."""
+    from ``family``, a non-commercial licence without ``accept_noncommercial``
+    (:func:`check_licence`), the options the family has no use for
+    (:func:`check_family_options`), guidance the checkpoint would ignore."""
     # 1. The family.
     if facts.family is None:
         supported = ", ".join(p for f in FAMILIES.values() for p in f.pipelines)
@@ -223,14 +229,37 @@ def check_params(opts: DiffusersGeneratorParams, facts: ModelFacts) -> Family:
             f"{KEY}.family: {opts.family!r}, but {opts.checkpoint!r} is a {facts.pipeline} "
             f"({fam.name!r}); set family: {fam.name} or auto"
         )
-    # 2. The licence.
-    if is_noncommercial(facts.licence) and not opts.accept_noncommercial:
+    # 2. The licence, 3. the family's options.
+    check_licence(opts, facts.licence)
+    check_family_options(opts, fam)
+    # 4. Guidance the checkpoint would ignore.
+    if fam.name == "flux" and not facts.config.get("guidance_embeds") and opts.guidance:
+        raise ConfigError(
+            f"{KEY}.guidance: {opts.checkpoint!r} is guidance-free (a FLUX.1 [schnell]-type "
+            "transformer without guidance embedding, no classifier-free guidance); set 0"
+        )
+    if fam.name == "flux2" and facts.config.get("is_distilled") and opts.guidance:
+        raise ConfigError(
+            f"{KEY}.guidance: {opts.checkpoint!r} is step-distilled (is_distilled): the "
+            "pipeline ignores guidance; set 0"
+        )
+    return fam
+
+
+def check_licence(opts: DiffusersGeneratorParams, licence: str | None) -> None:
+    """Refuse a non-commercial ``licence`` unless ``accept_noncommercial``."""
+    if is_noncommercial(licence) and not opts.accept_noncommercial:
         raise ConfigError(
             f"{KEY}.accept_noncommercial: {opts.checkpoint!r} is under a non-commercial "
-            f"licence ({facts.licence}); set it to true to accept its terms, or use a "
-            "checkpoint that allows commercial use (e.g. black-forest-labs/FLUX.1-schnell)"
+            f"licence ({licence}); set it to true to accept its terms, or use a checkpoint "
+            "that allows commercial use (e.g. black-forest-labs/FLUX.1-schnell)"
         )
-    # 3. The counterfactual, scheduler and pipeline options.
+
+
+def check_family_options(opts: DiffusersGeneratorParams, fam: Family) -> None:
+    """Refuse the options ``fam`` cannot honour: the inpainting counterfactual without
+    cross-attention, a scheduler swap on a flow-matching model, the safety checker or
+    attention slicing where the pipeline has none, a negative prompt FLUX would ignore."""
     if opts.counterfactual_mode == "inpaint" and not fam.cross_attention:
         raise ConfigError(
             f"{KEY}.counterfactual_mode: inpaint records UNet cross-attention; {fam.label} "
@@ -248,19 +277,25 @@ def check_params(opts: DiffusersGeneratorParams, facts: ModelFacts) -> Family:
             f"{KEY}.attention_slicing: only UNet pipelines slice attention; set false for "
             f"{fam.label}"
         )
-    # 4. Guidance the model would ignore.
     if fam.name in ("flux", "flux2") and opts.negative_prompt:
         raise ConfigError(
             f"{KEY}.negative_prompt: {fam.label} pipelines here take no negative prompt; set ''"
         )
-    if fam.name == "flux" and not facts.config.get("guidance_embeds") and opts.guidance:
-        raise ConfigError(
-            f"{KEY}.guidance: {opts.checkpoint!r} is guidance-free (a FLUX.1 [schnell]-type "
-            "transformer without guidance embedding, no classifier-free guidance); set 0"
-        )
-    if fam.name == "flux2" and facts.config.get("is_distilled") and opts.guidance:
-        raise ConfigError(
-            f"{KEY}.guidance: {opts.checkpoint!r} is step-distilled (is_distilled): the "
-            "pipeline ignores guidance; set 0"
-        )
-    return fam
+
+
+def check_source(opts: DiffusersGeneratorParams, source: str) -> str:
+    """The pre-flight's and the constructor's check of ``opts`` against the checkpoint at
+    ``source`` (resolved), before any weight loads; returns what it is ("a FluxPipeline
+    (flux), apache-2.0"). With no ``model_index.json`` on disk (an uncached hub id): the
+    licence of a documented id (:data:`LICENCES`) and, for a named ``family``, its options;
+    the rest is checked when the pipeline loads."""
+    facts = read_facts(source)
+    if facts is not None:
+        fam = check_params(opts, facts)
+        return f"a {facts.pipeline} ({fam.name}), {facts.licence or 'licence unknown'}"
+    licence = LICENCES.get(opts.checkpoint)
+    check_licence(opts, licence)
+    if opts.family != "auto":
+        check_family_options(opts, FAMILIES[opts.family])
+    named = f" ({opts.family})" if opts.family != "auto" else ""
+    return f"a diffusers pipeline{named}" + (f", {licence}" if licence else "")

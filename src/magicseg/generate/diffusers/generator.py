@@ -15,14 +15,7 @@ from magicseg.core.devices import resolve_device, resolve_dtype
 from magicseg.core.errors import ConfigError, DataError
 from magicseg.core.seeding import derive_seed
 from magicseg.generate.base import Pair, PromptRecord
-from magicseg.generate.diffusers.families import (
-    FAMILIES,
-    Family,
-    ModelFacts,
-    check_params,
-    family_of,
-    read_facts,
-)
+from magicseg.generate.diffusers.families import FAMILIES, Family, check_source, family_of
 from magicseg.generate.diffusers.inpaint import (
     CrossAttentionRecorder,
     attention_factors,
@@ -78,12 +71,7 @@ class DiffusersPairGenerator:
         #    (an uncached hub id: from the named family now, the rest once loaded).
         self._family: Family | None = None
         if pipeline is None:
-            facts = read_facts(resolve_model_source(self.opts.checkpoint))
-            if facts is not None:
-                check_params(self.opts, facts)
-            elif self.opts.counterfactual_mode == "inpaint" and self.opts.family != "auto":
-                fam = FAMILIES[self.opts.family]
-                check_params(self.opts, ModelFacts(fam.pipelines[0], fam.name, None))
+            check_source(self.opts, resolve_model_source(self.opts.checkpoint))
         else:
             self._family = prepare_pipeline(pipeline, self.opts, self.device, self.opts.checkpoint)
         if self.opts.counterfactual_mode == "inpaint" and self.opts.inpaint_checkpoint:
@@ -229,7 +217,7 @@ class DiffusersPairGenerator:
         """
         import torch
 
-        pipe, o = self.pipe, self.opts
+        pipe = self.pipe
         f = pipe.vae_scale_factor
         latent_hw = (self.params.height // f, self.params.width // f)
         k = self.images_per_call
@@ -246,21 +234,7 @@ class DiffusersPairGenerator:
                 chunk = slice(i, min(i + k, len(prompts)))
                 if recorder is not None:
                     recorder.reset(len(prompts[chunk]))
-                out = pipe(
-                    prompt=list(prompts[chunk]),
-                    negative_prompt=(
-                        [o.negative_prompt] * len(prompts[chunk]) if o.negative_prompt else None
-                    ),
-                    latents=self.noise(seeds[chunk]),
-                    # per-image generators: stochastic schedulers (euler_a) draw the same step
-                    # noise for a pair's two images, whatever the chunking
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[chunk]],
-                    num_inference_steps=o.steps,
-                    guidance_scale=o.guidance,
-                    height=self.params.height,
-                    width=self.params.width,
-                    output_type="np",
-                )
+                out = self.call(prompts[chunk], seeds[chunk])
                 images += [to_uint8(im) for im in out.images]
                 flags = getattr(out, "nsfw_content_detected", None)
                 nsfw += list(flags) if flags is not None else [None] * len(out.images)
@@ -268,6 +242,28 @@ class DiffusersPairGenerator:
                     size = (self.params.height, self.params.width)
                     maps += recorder.maps(record[chunk], size)  # type: ignore[index]
         return images, nsfw, maps
+
+    def call(self, prompts: Sequence[str], seeds: Sequence[int]):
+        """One pipeline call: ``prompts[i]`` from the initial latents of ``seeds[i]``
+        (:meth:`noise`). Returns the pipeline's output, ``images`` N x H x W x 3 float in
+        [0, 1]."""
+        import torch
+
+        o, n = self.opts, len(prompts)
+        extra = {"negative_prompt": [o.negative_prompt] * n} if o.negative_prompt else {}
+        return self.pipe(
+            prompt=list(prompts),
+            latents=self.noise(seeds),
+            # per-image generators: stochastic schedulers (euler_a) draw the same step noise
+            # for a pair's two images, whatever the chunking
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            num_inference_steps=o.steps,
+            guidance_scale=o.guidance,
+            height=self.params.height,
+            width=self.params.width,
+            output_type="np",
+            **extra,
+        )
 
     def _generate_inpaint(self, batch: Sequence[PromptRecord]):
         """(positives, counterfactuals, regions, NSFW flags) of ``counterfactual_mode: inpaint``."""

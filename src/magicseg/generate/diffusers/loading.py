@@ -104,6 +104,8 @@ def load_pipeline(
     kwargs: dict[str, Any] = {"dtype" if new_api else "torch_dtype": dtype}
     if not opts.safety_checker and (facts is None or facts.family in ("sd", None)):
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
+    if facts is not None:  # saved without a model (SD3 without T5): load as None
+        kwargs |= {name: None for name in facts.absent if name not in kwargs}
     try:
         pipe = auto.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
