@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from magicseg.core.config import DiffusersGeneratorParams, GenerateParams  # noqa: E402
 from magicseg.core.devices import resolve_dtype  # noqa: E402
 from magicseg.generate.base import PromptRecord  # noqa: E402
-from magicseg.generate.diffusers_backend import DiffusersPairGenerator  # noqa: E402
+from magicseg.generate.diffusers import DiffusersPairGenerator  # noqa: E402
 
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 """Dense bf16/fp16 tensor-core peak (TFLOP/s) by device-name substring (SXM figures)."""

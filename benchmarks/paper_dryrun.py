@@ -539,7 +539,7 @@ def run_generate_stage(
     import numpy as np
 
     from magicseg.core.devices import resolve_dtype
-    from magicseg.generate.diffusers_backend import DiffusersPairGenerator
+    from magicseg.generate.diffusers import DiffusersPairGenerator
 
     stage = Stage("generate")
     with timed(stage, "build", device):

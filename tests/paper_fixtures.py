@@ -109,7 +109,7 @@ def calibration_pairs(
     Diffusion, made by the pipeline's own generator (seeds unlike the pipeline's)."""
     from magicseg.core.config import GenerateParams
     from magicseg.generate.base import PromptRecord
-    from magicseg.generate.diffusers_backend import DiffusersPairGenerator
+    from magicseg.generate.diffusers import DiffusersPairGenerator
     from magicseg.prompts.counterfactual import make_counterfactual
 
     params = GenerateParams(

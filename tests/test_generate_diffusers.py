@@ -22,7 +22,7 @@ from magicseg.core.errors import BackendError, ConfigError, DataError  # noqa: E
 from magicseg.core.io import read_image, read_manifest, write_manifest  # noqa: E402
 from magicseg.generate import build_generator, run_generate  # noqa: E402
 from magicseg.generate.base import PromptRecord  # noqa: E402
-from magicseg.generate.diffusers_backend import (  # noqa: E402
+from magicseg.generate.diffusers import (  # noqa: E402
     DiffusersPairGenerator,
     initial_latents,
     inpaint_counterfactual,
@@ -346,7 +346,7 @@ def test_inpaint_mode_repaints_only_the_recorded_region(model_dir, tmp_path):
         assert not np.array_equal(cf, cf_swap)  # not the prompt-swap counterfactual
 
     # dilated: the region at inpaint_dilate 1 is the region at 0 grown by a 1-pixel disk
-    from magicseg.generate.diffusers_backend import dilate_mask
+    from magicseg.generate.diffusers import dilate_mask
 
     tight = DiffusersPairGenerator(inpaint_params(model_dir, inpaint_dilate=0)).generate(recs)
     for (_, _, region, _), pair in zip(read_pairs(tmp_path / "inpaint"), tight, strict=True):
@@ -416,7 +416,7 @@ def test_recorder_keeps_the_conditional_rows_softmax():
     is the wrapped processor's."""
     from diffusers.models.attention_processor import Attention
 
-    from magicseg.generate.diffusers_backend import CrossAttentionRecorder
+    from magicseg.generate.diffusers import CrossAttentionRecorder
 
     torch.manual_seed(0)
     attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
@@ -444,7 +444,7 @@ def test_recorder_keeps_the_conditional_rows_softmax():
 
 
 def test_class_token_positions_find_every_form_of_the_name(model_dir):
-    from magicseg.generate.diffusers_backend import class_token_positions
+    from magicseg.generate.diffusers import class_token_positions
 
     tok = DiffusersPairGenerator(make_params(model_dir)).pipe.tokenizer
     prompt = "Two red balls near a red ball's shadow on the beach"

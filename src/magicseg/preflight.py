@@ -88,10 +88,15 @@ def _strip_key(message: str, key: str) -> str:
 
 
 def _guard(key: str, fn: Callable[[], str], machine: bool = False) -> Check:
-    """``ok`` with ``fn()``'s description, or ``error`` with the one-line MagicsegError."""
+    """``ok`` with ``fn()``'s description, or ``error`` with the one-line MagicsegError,
+    under the key it names when that is another key of the same block (a checkpoint refused
+    for ``generate.diffusers.accept_noncommercial``)."""
     try:
         return Check("ok", key, fn(), machine)
     except MagicsegError as err:
+        named = str(err).split(": ", 1)[0]
+        if named != key and " " not in named and named.startswith(key.rsplit(".", 1)[0] + "."):
+            key = named
         return Check("error", key, _strip_key(str(err), key), machine)
 
 
@@ -114,13 +119,13 @@ def model_references(p: Params) -> list[tuple[str, str, Callable[[], str]]]:
         key, ref = "prompts.transformers.checkpoint", p.prompts.transformers.checkpoint
         out.append((key, ref, hub(ref, key)))
     if p.generate.backend == "diffusers":
-        from magicseg.generate.diffusers_backend import resolve_model_source
+        from magicseg.generate.diffusers import resolve_model_source
 
         d = p.generate.diffusers
-        refs = [("generate.diffusers.checkpoint", d.checkpoint)]
+        key, ref = "generate.diffusers.checkpoint", d.checkpoint
+        out.append((key, ref, lambda: _diffusers_family(p, resolve_model_source)))
         if d.counterfactual_mode == "inpaint" and d.inpaint_checkpoint:
-            refs.append(("generate.diffusers.inpaint_checkpoint", d.inpaint_checkpoint))
-        for key, ref in refs:
+            key, ref = "generate.diffusers.inpaint_checkpoint", d.inpaint_checkpoint
             out.append((key, ref, lambda r=ref, k=key: _diffusers(r, k, resolve_model_source)))
     if p.label.backend == "grounded_sam" or p.evaluate.segmenter == "grounded_sam":
         from magicseg.label.grounded_sam import DETECTOR_TYPES, SEGMENTER_TYPES, check_source
@@ -180,6 +185,20 @@ def check_licences(p: Params) -> list[Check]:
 
         return [Check("error", key, _strip_key(LICENCE, key))]
     return [Check("ok", key, "the SAM License is accepted (SAM 3)")]
+
+
+def _diffusers_family(p: Params, resolve: Callable[[str, str], str]) -> str:
+    """The generator's checkpoint: its source, then its family, licence and the options it
+    cannot honour (:func:`magicseg.generate.diffusers.families.check_source`); each refusal
+    is one line naming its own key (``generate.diffusers.family``, ``accept_noncommercial``,
+    ``counterfactual_mode``, ``guidance``, ...)."""
+    from magicseg.generate.diffusers.families import check_source
+    from magicseg.hub import check_model_source
+
+    d = p.generate.diffusers
+    source = resolve(d.checkpoint, "generate.diffusers.checkpoint")
+    what = check_source(d, source)
+    return f"{what}, {WHERE[check_model_source(d.checkpoint, 'generate.diffusers.checkpoint')]}"
 
 
 def check_models(p: Params) -> list[Check]:

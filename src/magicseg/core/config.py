@@ -144,7 +144,14 @@ class ProceduralGeneratorParams(Section):
 
 class DiffusersGeneratorParams(Section):
     checkpoint: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """Any diffusers text-to-image checkpoint: hub id or local directory."""
+    """Any diffusers text-to-image checkpoint of a supported family: hub id or local directory."""
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux", "flux2"] = "auto"
+    """Model family: ``auto`` detects it from the pipeline class (``model_index.json``); a named
+    family must match the checkpoint's (``sd``: SD 1.x/2.x/SD-Turbo, ``sdxl``: SDXL and
+    SDXL-Turbo, ``sd3``: SD 3/3.5, ``flux``: FLUX.1, ``flux2``: FLUX.2 and FLUX.2 [klein])."""
+    accept_noncommercial: bool = False
+    """A checkpoint under a non-commercial licence (FLUX.1-dev, FLUX.2-dev, FLUX.2-klein-9B,
+    SDXL-Turbo, ...) is refused unless this is true: setting it says you accept its terms."""
     scheduler: Literal["dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "default"] = "dpm++"
     steps: int = Field(20, ge=1, le=1000)
     """Denoising steps."""

@@ -51,7 +51,7 @@ def _procedural(params: GenerateParams) -> PairGenerator:
 
 @GENERATORS.register("diffusers")
 def _diffusers(params: GenerateParams) -> PairGenerator:
-    from magicseg.generate.diffusers_backend import DiffusersPairGenerator
+    from magicseg.generate.diffusers import DiffusersPairGenerator
 
     return DiffusersPairGenerator(params)
 
