@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from magicseg.core import seeding
 from magicseg.core.catalogue import paints_of
 from magicseg.core.config import DifferenceLabelerParams, GroundedProxyParams
 from magicseg.core.errors import BackendError
-from magicseg.core.seeding import rng as stream
 from magicseg.label.base import LabelInput, LabelResult
 from magicseg.label.difference import difference_foreground
 
@@ -217,7 +217,7 @@ class GroundedProxyLabeler:
     def detect(self, item: LabelInput) -> list[Detection]:
         """Detections on the positive alone, errors included (drawn from the sample's id)."""
         p = self.params
-        rng = stream(p.seed, "label.grounded_proxy", item.id)
+        rng = seeding.rng(p.seed, "label.grounded_proxy", item.id)
         image = item.positive
         paints = class_paints(item.class_names)
 
