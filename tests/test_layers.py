@@ -275,6 +275,8 @@ def _defs(name: str) -> list[str]:
         ("draw_gallery", "src/magicseg/viz.py"),
         ("to_tensor", "src/magicseg/model/base.py"),
         ("load_vocabulary", "src/magicseg/core/stage.py"),
+        ("shape_mask", "src/magicseg/scene.py"),
+        ("_smooth_noise", "src/magicseg/scene.py"),
     ],
 )
 def test_one_definition(name, home):
