@@ -119,6 +119,11 @@ class ProceduralGeneratorParams(Section):
     noise, a colour/lighting shift and re-drawn distractors all grow with it."""
     distractors: int = Field(4, ge=0, le=32)
     """Unlabelled clutter objects in a rich scene (plain prompts get none)."""
+    plain_counterfactual: Literal["void", "scene"] = "void"
+    """What the counterfactual of a plain prompt ("a photo of a red kite" -> "a photo of
+    nothing") shows: ``void``, a blank or noisy void, as Stable Diffusion paints "a photo of
+    nothing"; ``scene``, the positive's plain scene without its objects. Prompts whose
+    counterfactual still describes a scene keep it either way."""
 
 
 class DiffusersGeneratorParams(Section):
