@@ -235,7 +235,15 @@ def test_label_and_filter_stages_with_the_proxy(tmp_path):
     noisy = p.label.model_copy(
         update={"grounded_proxy": p.label.grounded_proxy.model_copy(update={"clutter": 1.0})}
     )
-    run_label(tmp_path / "generate", tmp_path / "noisy", noisy, len(vocab))
+    cache = tmp_path / "cache"
+    run_label(tmp_path / "generate", tmp_path / "noisy", noisy, len(vocab), cache_dir=cache)
+    # the counterfactual check reads the difference params: a change there is a new cache key
+    stricter = noisy.model_copy(
+        update={"difference": noisy.difference.model_copy(update={"threshold": 0.3})}
+    )
+    run_label(tmp_path / "generate", tmp_path / "strict", stricter, len(vocab), cache_dir=cache)
+    agreement = [read_manifest(tmp_path / d)["cf_agreement"] for d in ("noisy", "strict")]
+    assert not np.allclose(agreement[0], agreement[1])
     run_filter(tmp_path / "noisy", tmp_path / "filtered", p.filter)
     decisions = read_manifest(tmp_path / "filtered", name="decisions.parquet")
     assert any("cf_detected" in r for r in decisions["reasons"])

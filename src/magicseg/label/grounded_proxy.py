@@ -208,6 +208,8 @@ class GroundedProxyLabeler:
     ) -> None:
         self.params = params
         self.difference = difference or DifferenceLabelerParams()
+        # part of the label cache key: the counterfactual check reads the difference params
+        self.fingerprint = self.difference.model_dump_json() if params.cf_check else ""
 
     def label(self, batch: Sequence[LabelInput], ignore: int) -> list[LabelResult]:
         """Masks (HW int64 class indices), per-class scores, detections and the counterfactual
