@@ -142,3 +142,53 @@ def test_generate_is_deterministic(tmp_path):
         return h.hexdigest()
 
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
+
+
+def test_asks_for_nothing_reads_the_counterfactual_prompt():
+    from magicseg.generate.procedural import asks_for_nothing
+
+    assert asks_for_nothing("a photo of nothing")
+    assert asks_for_nothing("A photo of a nothing and a nothing")  # the literal rewrite
+    assert not asks_for_nothing("nothing in a misty pine forest")
+    assert not asks_for_nothing("a photo of nothing, at night")
+    assert not asks_for_nothing("")
+
+
+def _outside_changed(pair, level=0.12 * 255):
+    """Share of the pixels outside the objects where the counterfactual differs (max RGB)."""
+    bg = pair.oracle_mask == 0
+    change = np.abs(pair.positive.astype(int) - pair.counterfactual).max(-1)
+    return float((change[bg] > level).mean())
+
+
+def test_plain_counterfactual_is_a_void_and_rich_keeps_the_scene():
+    def plain(seed, mode="void"):
+        r = PromptRecord(
+            "p", "a photo of a red kite", "a photo of nothing", (1,), ("red kite",), seed
+        )
+        return gen(plain_counterfactual=mode).render(r)
+
+    def rich(seed):
+        prompt = "A red kite in a crowded market street"
+        r = PromptRecord(
+            "r", prompt, "nothing in a crowded market street", (1,), ("red kite",), seed
+        )
+        return gen().render(r)
+
+    voids = [plain(s) for s in range(12)]
+    scenes = [plain(s, "scene") for s in range(12)]
+    riches = [rich(s) for s in range(12)]
+    assert all(p.meta["counterfactual"] == "void" for p in voids)
+    assert all(p.meta["counterfactual"] == "scene" for p in scenes + riches)
+    # the void changes only the counterfactual: the positive and mask are the scene mode's
+    for v, s in zip(voids, scenes, strict=True):
+        assert np.array_equal(v.positive, s.positive) and np.array_equal(
+            v.oracle_mask, s.oracle_mask
+        )
+    # a void differs from its positive over most pixels outside the object, a kept scene over few
+    assert min(_outside_changed(p) for p in voids) > 0.6
+    assert max(_outside_changed(p) for p in scenes + riches) < 0.2
+    # blank and noisy voids both occur, and the same seed gives the same void
+    spread = [float(p.counterfactual.astype(float).std((0, 1)).mean()) for p in voids]
+    assert min(spread) < 8 < max(spread)
+    assert np.array_equal(plain(3).counterfactual, voids[3].counterfactual)

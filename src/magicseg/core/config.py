@@ -140,6 +140,11 @@ class ProceduralGeneratorParams(Section):
     noise, a colour/lighting shift and re-drawn distractors all grow with it."""
     distractors: int = Field(4, ge=0, le=32)
     """Unlabelled clutter objects in a rich scene (plain prompts get none)."""
+    plain_counterfactual: Literal["void", "scene"] = "void"
+    """What the counterfactual of a plain prompt ("a photo of a red kite" -> "a photo of
+    nothing") shows: ``void``, a blank or noisy void, as Stable Diffusion paints "a photo of
+    nothing"; ``scene``, the positive's plain scene without its objects. Prompts whose
+    counterfactual still describes a scene keep it either way."""
 
 
 class DiffusersGeneratorParams(Section):
@@ -287,10 +292,44 @@ class Sam3Params(Section):
     """Also score the counterfactual image's presence for each class."""
 
 
+class GroundedProxyParams(Section):
+    bleed: float = Field(0.2, ge=0.0, le=1.0)
+    """Probability, per detected object, that its mask bleeds into the background of a loosened
+    box (the box grown by up to ``bleed_margin`` of its size on each side)."""
+    bleed_margin: float = Field(0.4, gt=0.0, le=2.0)
+    """Largest growth of a bleeding box on each side, as a fraction of its width or height."""
+    miss: float = Field(0.2, ge=0.0, le=1.0)
+    """Probability, per detected object, that a part of it is missed (cut off along a random
+    line)."""
+    miss_share: float = Field(0.5, gt=0.0, lt=1.0)
+    """Largest share of an object's pixels a miss cuts off (drawn uniformly from 0.1 up)."""
+    clutter: float = Field(0.2, ge=0.0, le=1.0)
+    """Probability, per image, of one false detection: a salient region of the background
+    (clutter, texture) segmented and taken for one of the prompt's classes."""
+    confusion: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability that a detected object is given another class of the prompt, times the
+    share of words the two names have in common ("red heart" vs "red star": 1/3). Classes of
+    the same colour cannot be told apart by this labeler at all: each of their objects goes to
+    one of them at random."""
+    tolerance: float = Field(70.0, gt=0.0, le=255.0)
+    """Perception: RGB distance within which a pixel, under the fitted lighting, shows a colour
+    of a class name (its colour word, or a striped or dotted class's pattern shade)."""
+    seed: int = 0
+    """Seed of the error draws; each sample's draws depend on this and its id alone."""
+    cf_check: bool = True
+    """Also look for the classes in the counterfactual image (``cf_detected``) and compare the
+    foreground with the counterfactual difference (``cf_agreement``), as ``grounded_sam``."""
+
+
 class LabelParams(Section):
-    backend: Literal["difference", "oracle", "grounded_sam", "sam3"] = "difference"
-    """Labeler: `difference` (model-free), `oracle` (renderer masks), `grounded_sam`
-    (a text-prompted detector + SAM), `sam3` (SAM 3 alone: text in, instance masks out)."""
+    backend: Literal["grounded_proxy", "difference", "oracle", "grounded_sam", "sam3"] = (
+        "grounded_proxy"
+    )
+    """Labeler: `grounded_proxy` (offline stand-in for Grounded-SAM: the positive alone, with
+    its kinds of errors), `difference` (model-free, from the counterfactual), `oracle` (renderer
+    masks), `grounded_sam` (a text-prompted detector + SAM), `sam3` (SAM 3 alone: text in,
+    instance masks out)."""
+    grounded_proxy: GroundedProxyParams = GroundedProxyParams()
     difference: DifferenceLabelerParams = DifferenceLabelerParams()
     grounded_sam: GroundedSamParams = GroundedSamParams()
     sam3: Sam3Params = Sam3Params()

@@ -24,6 +24,8 @@ STREAMS: dict[str, str] = {
     "it); written by prompts into the manifest, drawn from by generate",
     "generate.cf_noise": "per pair, from its seed: the counterfactual's own initial noise "
     "(generate.diffusers.pair_noise: independent)",
+    "label.grounded_proxy": "per sample id, from label.grounded_proxy.seed: the offline "
+    "Grounded-SAM stand-in's errors (bleeding, missed parts, clutter, confusions)",
     "filter.gallery": "which kept and dropped samples the filter gallery shows",
     "train.init": "model initialisation (torch's global generator)",
     "train.val_split": "per sample id: training or validation side",

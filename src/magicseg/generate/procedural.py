@@ -5,12 +5,16 @@ It "reads" the prompt the way a text-to-image model would: scene words (forest, 
 placement words move the object; a prompt without scene words (``style: plain``) gets a plain
 background. The counterfactual is the same scene from the same seed without the objects, plus a
 ``drift`` (noise, colour/lighting shift, re-drawn clutter) so that it is not pixel-identical, as a
-diffusion counterfactual never is. The renderer's exact masks are kept for the ``oracle`` labeler.
-The drawing itself lives in :mod:`magicseg.scene`.
+diffusion counterfactual never is. A plain prompt's counterfactual ("a photo of nothing") asks for
+no scene at all, and Stable Diffusion paints it as a blank or noisy void: so does this generator
+(:func:`render_void`, ``plain_counterfactual: void``), while a rich prompt's counterfactual keeps
+its scene. The renderer's exact masks are kept for the ``oracle`` labeler. The drawing itself
+lives in :mod:`magicseg.scene`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +29,7 @@ from magicseg.scene import (
     _global_drift,
     _light,
     _redraw_clutter,
+    _smooth_noise,
     _to_u8,
     draw_clutter,
     paint_object,
@@ -33,7 +38,45 @@ from magicseg.scene import (
     shape_mask,
 )
 
-__all__ = ["ProceduralGenerator", "SceneSpec", "read_prompt", "shape_mask"]
+__all__ = [
+    "ProceduralGenerator",
+    "SceneSpec",
+    "asks_for_nothing",
+    "read_prompt",
+    "render_void",
+    "shape_mask",
+]
+
+VOID_WORDS = frozenset({"a", "an", "the", "photo", "picture", "image", "of", "and", "nothing"})
+"""The words of a counterfactual prompt that asks for nothing ("a photo of nothing", the
+literal rewrite's "a photo of a nothing and a nothing")."""
+
+
+def asks_for_nothing(cf_prompt: str) -> bool:
+    """Whether a counterfactual prompt names nothing but :data:`VOID_WORDS` (a plain prompt's
+    counterfactual): no scene, no lighting, no object."""
+    words = re.findall(r"[a-z]+", cf_prompt.lower())
+    return bool(words) and set(words) <= VOID_WORDS
+
+
+def render_void(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """HxWx3 float32 in [0, 255]: what a text-to-image model paints for "a photo of nothing".
+
+    Half the time a blank: one dark-to-mid grey tone (15 to 140, slightly tinted) with a soft
+    vignette; half the time noise: a mid-grey base, blotchy low-frequency noise and grain. Never
+    the light tone of a plain prompt's background (196 to 236), so a void differs from its
+    positive over most pixels, as a diffusion model's void does.
+    """
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if rng.random() < 0.5:
+        tone = rng.uniform(15, 140) + rng.uniform(-8, 8, 3)
+        r2 = ((yy + 0.5) / h - 0.5) ** 2 + ((xx + 0.5) / w - 0.5) ** 2
+        img = tone.astype(np.float32) * (1 - 0.4 * r2[..., None])
+        return img + 4 * _smooth_noise(rng, h, w, 3)[..., None]
+    base = rng.uniform(60, 130) + rng.uniform(-10, 10, 3)
+    blotches = np.stack([_smooth_noise(rng, h, w, int(rng.integers(6, 13))) for _ in range(3)], -1)
+    grain = rng.normal(0, 14, (h, w, 1)) + rng.normal(0, 6, (h, w, 3))
+    return (base + 40 * blotches + grain).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,24 +149,32 @@ class ProceduralGenerator:
             mask[m] = cid
             occupied |= m
 
-        # 3. The counterfactual's re-imagined clutter (its own stream: the positive never
-        #    depends on the drift), then lighting and fog on both (a scene property).
+        # 3. The counterfactual's re-imagined clutter, or a void for a prompt that asks for
+        #    nothing (their own stream: the positive never depends on them), then lighting and
+        #    fog on both (a scene property).
         drift_rng = np.random.default_rng(rng.integers(2**63))
-        if drift > 0 and clutter:
+        void = self.params.plain_counterfactual == "void" and asks_for_nothing(rec.cf_prompt)
+        if void:
+            cf = render_void(drift_rng, h, w)
+        elif drift > 0 and clutter:
             cf = _redraw_clutter(bg, clutter, drift_rng, drift)
         for img in (pos, cf):
             _light(img, spec)
 
-        # 4. Shared sensor noise, then the counterfactual's global drift.
+        # 4. Shared sensor noise, then the counterfactual's global drift (a void has none).
         noise = rng.normal(0, 2.0, (h, w, 3)).astype(np.float32)
         pos += noise
         cf += noise
-        if drift > 0:
+        if drift > 0 and not void:
             cf = _global_drift(cf, drift_rng, drift)
 
         return Pair(
             positive=_to_u8(pos),
             counterfactual=_to_u8(cf),
             oracle_mask=mask,
-            meta={"scene": spec.style or "plain", "drift": drift},
+            meta={
+                "scene": spec.style or "plain",
+                "drift": drift,
+                "counterfactual": "void" if void else "scene",
+            },
         )

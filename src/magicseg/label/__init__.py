@@ -47,6 +47,13 @@ from magicseg.samplecache import (
 LABELERS: Registry[Labeler] = Registry("labeler")
 
 
+@LABELERS.register("grounded_proxy")
+def _grounded_proxy(params: LabelParams) -> Labeler:
+    from magicseg.label.grounded_proxy import GroundedProxyLabeler
+
+    return GroundedProxyLabeler(params.grounded_proxy, params.difference)
+
+
 @LABELERS.register("difference")
 def _difference(params: LabelParams) -> Labeler:
     from magicseg.label.difference import DifferenceLabeler
