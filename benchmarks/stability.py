@@ -143,7 +143,7 @@ def readme_block(data: dict) -> str:
     lines = [
         f"`python benchmarks/stability.py` ({c['steps']} steps of batch {c['batch_size']} at "
         f"{c['size']} px on {c['samples']} procedural pairs of {c['classes']} classes, K "
-        f"{c['num_sampled']}, "
+        f"{c['num_sampled']} (at most the trainable classes), "
         f"{c['test_samples']} test images; seeds {','.join(map(str, c['seeds']))}; EMA decay "
         f"{c['ema']}) wrote `metrics/stability.json`:",
         "",
@@ -152,6 +152,8 @@ def readme_block(data: dict) -> str:
     ]
     for name, values in rows:
         lines.append(f"| {name} | " + " | ".join(cell(values[m]) for m in METRICS) + " |")
+    means = ", ".join(f"{LABELS[m]} {cell(s['seeds'][m]['mean'])}" for m in METRICS)
+    lines += ["", f"The level these moves are measured at (mean over the fp32 seeds): {means}."]
     return "\n".join(lines)
 
 

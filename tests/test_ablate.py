@@ -62,6 +62,13 @@ def test_t_quantiles_are_the_tables(df, t):
     assert A.t_central(A.t_quantile(df), df) == pytest.approx(0.95, abs=1e-9)
 
 
+def test_interval_ends_never_print_as_a_signed_zero():
+    assert A.report.bound(-0.00049) == "-0.0005" and A.report.bound(0.0312) == "+0.031"
+    assert A.report.bound(0.0) == "+0.000"
+    r = {"diff": -0.141, "ci95": [-0.282, -0.0004], "paired": True, "exceeds_noise": True}
+    assert A.report.effect_text(r) == "**-0.141 [-0.282, -0.0004]**"
+
+
 def test_t_central_known_points():
     assert A.t_central(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| < 1) = 1/2
     assert A.t_central(0.0, 3) == 0.0

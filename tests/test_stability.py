@@ -5,6 +5,9 @@ seeds that keep the held-out classes (``vocabulary.holdout_seed``) and the test 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -18,6 +21,8 @@ from magicseg.evaluation.stage import run_evaluate
 from magicseg.model import build_model, save_checkpoint
 from magicseg.training.loop import STATE, train
 from magicseg.training.stability import Ema, autocast_dtype, set_deterministic
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_precision_auto_is_fp32_on_a_cpu_and_bf16_on_cuda():
@@ -153,3 +158,57 @@ def test_test_seed_fixes_the_test_set_across_global_seeds(tmp_path, tiny_data, t
 
     assert evaluate(1, 0) == evaluate(2, 0) == evaluate(0, None)
     assert evaluate(1, None) != evaluate(0, None)  # the seed re-draws the test set
+
+
+def _benchmark():
+    import importlib.util
+
+    path = ROOT / "benchmarks/stability.py"
+    spec = importlib.util.spec_from_file_location("stability_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_stability_summary_is_that_of_its_runs():
+    bench = _benchmark()
+    data = json.loads((ROOT / "metrics/stability.json").read_text())
+    assert bench.summarize(data["runs"], data["config"]["seeds"]) == data["summary"]
+    assert set(data["runs"]) >= set(bench.runs_of(data["config"]["seeds"], data["config"]["ema"]))
+
+
+def test_readme_noise_table_is_the_committed_stability_run():
+    bench = _benchmark()
+    data = json.loads((ROOT / "metrics/stability.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(bench.README_START)[1].split(bench.README_END)[0]
+    assert block.strip() == bench.readme_block(data), (
+        "copy them with: python benchmarks/stability.py --readme"
+    )
+    seen = data["summary"]["seeds"]["miou_seen"]["std"]
+    assert f"| std over seeds (fp32, 1 thread) | {seen:.3f} |" in block
+
+
+def test_the_benchmarks_table_by_hand():
+    bench = _benchmark()
+    runs = {
+        "fp32/t1/s0": {"miou_seen": 0.20, "miou_heldout": 0.05, "miou_heldout_novel": None},
+        "fp32/t1/s1": {"miou_seen": 0.22, "miou_heldout": 0.07, "miou_heldout_novel": None},
+        "fp32/t2/s0": {"miou_seen": 0.19, "miou_heldout": 0.05, "miou_heldout_novel": None},
+        "bf16/t1/s0": {"miou_seen": 0.25, "miou_heldout": 0.04, "miou_heldout_novel": None},
+        "fp32+ema/t1/s0": {"miou_seen": 0.21, "miou_heldout": 0.06, "miou_heldout_novel": 0.0},
+        "fp32+ema/t1/s1": {"miou_seen": 0.21, "miou_heldout": 0.06, "miou_heldout_novel": 0.0},
+    }
+    s = bench.summarize(runs, [0, 1])
+    assert s["seeds"]["miou_seen"]["std"] == pytest.approx(0.0141, abs=1e-4)
+    assert (
+        s["seeds"]["miou_heldout_novel"]["std"] is None and s["seeds_ema"]["miou_seen"]["std"] == 0
+    )
+    assert s["threads_fp32"]["miou_seen"] == 0.01 and s["precision"]["miou_seen"] == 0.05
+    assert s["threads_bf16"] == {}  # bf16 at 2 threads not run
+    config = {"seeds": [0, 1], "steps": 5, "batch_size": 2, "size": 32, "samples": 10,
+              "classes": 20, "num_sampled": 20, "test_samples": 4, "ema": 0.9}  # fmt: skip
+    block = bench.readme_block({"config": config, "summary": s})
+    assert "| std over seeds (fp32, 1 thread) | 0.014 | 0.014 | – |" in block
+    assert "| \\|fp32 − bf16\\| (1 thread) | 0.050 | 0.010 | – |" in block
+    assert "(bf16)" not in block

@@ -140,13 +140,20 @@ def _present(g: dict, metrics: Sequence[str]) -> list[str]:
     return [m for m in metrics if any(m in c["metrics"] for c in g["cells"].values())]
 
 
+def bound(x: float) -> str:
+    """An interval end to 3 decimals, or to 4 where 3 would print a signed zero (an interval
+    that just excludes 0 must not read as reaching it)."""
+    text = f"{x:+.3f}"
+    return f"{x:+.4f}" if x != 0 and float(text) == 0 else text
+
+
 def effect_text(r: dict) -> str:
     """One effect on one metric: ``+0.095 [+0.010, +0.180]`` (the 95% interval), ``(unpaired)``
     where the cells share no seeds, bold where the interval excludes 0."""
     text = f"{r['diff']:+.3f}"
     if r.get("ci95") is not None:
         lo, hi = r["ci95"]
-        text += f" [{lo:+.3f}, {hi:+.3f}]"
+        text += f" [{bound(lo)}, {bound(hi)}]"
     if r.get("paired") is False:
         text += " (unpaired)"
     return f"**{text}**" if r.get("exceeds_noise") else text
@@ -165,7 +172,9 @@ def verdict(g: dict, metrics: Sequence[str]) -> str:
                 untested += 1
             elif r["exceeds_noise"]:
                 lo, hi = r["ci95"]
-                found.append(f"{ename} on {LABELS[m]} ({r['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}])")
+                found.append(
+                    f"{ename} on {LABELS[m]} ({r['diff']:+.3f} [{bound(lo)}, {bound(hi)}])"
+                )
     if found:
         text = (
             "Beyond the noise (95% interval excludes 0): " + "; ".join(found) + "; the rest "
