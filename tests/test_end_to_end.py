@@ -48,12 +48,12 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _run(args: list[str], cwd: Path) -> str:
+def _run(args: list[str], cwd: Path, timeout: int = 600) -> str:
     """Run a command in a project copy, with that copy's own ``src`` on the path."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(cwd / "src")
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -264,3 +264,90 @@ def test_killed_dvc_repro_train_resumes_to_the_same_model_bytes(project, tmp_pat
     for rel in ("models/model.pt", "metrics/train.json", "dvclive/train/metrics.json",
                 "dvclive/train/plots/metrics/train/loss.tsv"):  # fmt: skip
         assert (killed / rel).read_bytes() == (clones["whole"] / rel).read_bytes(), rel
+
+
+# --------------------------------------------------------------------------------------------
+# a modern labeler: `dvc exp run -S labeler=sam3` with a diffusers generator
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_dvc_exp_run_with_sam3_and_a_diffusers_generator_reaches_evaluate(tmp_path):
+    """``dvc exp run -S labeler=sam3`` (the Hydra group) on a miniature project whose pairs come
+    from a tiny random Stable Diffusion and whose labels from a tiny random SAM 3 (built here,
+    no hub). Random SAM 3 scores hover at 0.5 x 0.5, so the instance threshold is lowered and
+    the filter switched off (otherwise every sample is dropped and train has nothing)."""
+    from tests.tiny_labelers import save_sam3
+    from tests.tiny_models import tiny_sd_pipeline_dir
+
+    # 1. Models and the project copy (hydra on, the committed offline params).
+    sd = tiny_sd_pipeline_dir(tmp_path / "models")
+    sam3 = save_sam3(tmp_path / "models")
+    root = tmp_path / "project"
+    root.mkdir()
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("dvc.yaml", "stages", "src", "conf", ".gitignore", "params.yaml"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=skip)
+        else:
+            shutil.copy(src, root / name)
+    _run(["git", "init", "-q"], root)
+    _run(DVC + ["init", "-q"], root)
+    shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")
+    for key, value in (("core.analytics", "false"), ("core.check_update", "false"),
+                       ("hydra.enabled", "true")):  # fmt: skip
+        _run(DVC + ["config", key, value], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", *GIT_ID, "commit", "-qm", "miniature project"], root)
+
+    # 2. The run: the labeler group, the two model references, the licence opt-in, sizes.
+    sets = {
+        "generate.backend": "diffusers",
+        "generate.diffusers.checkpoint": sd,
+        "generate.diffusers.steps": 1,
+        "generate.diffusers.dtype": "float32",
+        "generate.height": 32,
+        "generate.width": 32,
+        "generate.batch_size": 8,
+        "label.sam3.checkpoint": sam3,
+        "label.sam3.accept_licence": "true",
+        "label.sam3.score_threshold": 0.2,
+        "filter.enabled": "false",
+        "vocabulary.holdout_combination": 4,
+        "vocabulary.holdout_novel_words": 1,
+        "prompts.requests": 6,
+        "prompts.per_request": 4,
+        "train.steps": 4,
+        "train.batch_size": 4,
+        "train.num_sampled": 6,
+        "train.log_every": 2,
+        "train.val_every": 2,
+        "train.offline.width": 8,
+        "train.offline.depth": 2,
+        "train.offline.embed_dim": 16,
+        "evaluate.test_samples": 8,
+        "evaluate.gallery_samples": 2,
+    }
+    overrides = [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
+    run = DVC + ["exp", "run", "-n", "sam3-mini", "-S", "labeler=sam3", *overrides]
+    log = _run(run, root, timeout=1500)  # about 11 min on 2 shared cores
+    assert _ran(log) == STAGES, log[-3000:]
+
+    # 3. SAM 3 labelled every pair, with its presence check; evaluate scored the result.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["label"]["backend"] == "sam3" and params["generate"]["backend"] == "diffusers"
+    import pandas as pd
+
+    label = pd.read_parquet(root / "data/label/manifest.parquet")
+    assert len(label) == 24 and set(label["backend"]) == {"sam3"}
+    metas = [json.loads(m) for m in label["meta"]]
+    assert all(
+        len(m["presence"]) == len(n) for m, n in zip(metas, label["class_names"], strict=True)
+    )
+    assert sum(len(b) for b in label["box_scores"]) > 0
+    checked = [m for m in metas if m.get("cf_checked")]
+    assert checked and all(len(m["cf_presence"]) == len(m["presence"]) for m in checked)
+    metrics = {p.stem: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json")}
+    assert metrics["label"]["samples"] == 24
+    assert metrics["train"]["steps"] == 4
+    assert 0.0 <= metrics["eval"]["procedural"]["miou"] <= 1.0
+    assert metrics["eval"]["procedural"]["segmenter"] == "trained"

@@ -261,3 +261,24 @@ def test_sam3_without_instances_skips_the_counterfactual(sam3_dir):
     off = _sam3(sam3_dir, score_threshold=1.0, cf_check=False)
     (res,) = off.label([_item()], ignore=255)
     assert res.cf_detected is None and res.cf_agreement is None
+
+
+def test_modern_labelers_run_in_bfloat16(dirs, sam3_dir):
+    """The precision a GPU gets by default (bf16), checked on the CPU: every model input is cast."""
+    params = GroundedSamParams(
+        detector_checkpoint=str(dirs["mm_gdino"]),
+        sam_checkpoint=str(dirs["sam2"]),
+        device="cpu",
+        dtype="bfloat16",
+        box_threshold=0.0,
+        text_threshold=0.0,
+        max_detections=2,
+    )
+    lab = GroundedSamLabeler(params)
+    assert lab.segmenter.dtype == torch.bfloat16
+    (res,) = lab.label([_item()], ignore=255)
+    assert res.mask.shape == (96, 128) and len(res.detections) == 2
+    s3 = _sam3(sam3_dir, dtype="bfloat16", score_threshold=0.0, max_detections=2)
+    assert s3.model.dtype == torch.bfloat16
+    (res,) = s3.label([_item()], ignore=255)
+    assert res.mask.shape == (96, 128) and len(res.detections) == 2
