@@ -11,7 +11,9 @@ Each family runs in its own process (``--one``), so its peak memory is its own: 
 process's peak resident set (``ru_maxrss``; imports and the model included) and its growth
 while generating; on CUDA ``torch.cuda.max_memory_allocated``. One untimed warm-up batch, then
 ``--pairs`` pairs in batches of ``--batch-size`` (``images_per_call: auto``), timed once; the
-hours for 100,000 pairs follow from pairs/s. The tiny models say how the families' pipelines
+hours for 100,000 pairs follow from pairs/s. Also the process's CPU seconds per pair (all its
+threads): on a CPU shared with other jobs wall time measures the neighbours too, CPU time much
+less so. The tiny models say how the families' pipelines
 compare in overhead at equal toy widths, not how the real models compare: FLUX's T5 encodes
 512 tokens, klein's Qwen runs 28 layers, whatever the width.
 """
@@ -93,13 +95,14 @@ def one(family: str, args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     todo = records[args.batch_size :]
     for i in range(0, len(todo), args.batch_size):
         gen.generate(todo[i : i + args.batch_size])
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     out = {
         "family": family,
         "model": opts["checkpoint"] if args.device == "cuda" else f"tiny {family}",
@@ -111,6 +114,7 @@ def one(family: str, args: argparse.Namespace) -> dict:
         "pairs": args.pairs,
         "seconds": round(seconds, 3),
         "pairs_per_s": round(args.pairs / seconds, 4),
+        "cpu_s_per_pair": round(cpu_seconds / args.pairs, 3),
         "hours_per_100k_pairs": round(100_000 / (args.pairs / seconds) / 3600, 2),
     }
     if args.device == "cuda":
@@ -159,14 +163,19 @@ def main() -> None:
 
     base = next((r for r in rows if r["family"] == "sd15"), None)
     mem = "peak_gpu_GB" if args.device == "cuda" else "peak_rss_MB"
-    print(f"\n| family | pipeline | denoiser M | pairs/s | x SD 1.5 | h / 100k pairs | {mem} |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        f"\n| family | pipeline | denoiser M | pairs/s | x SD 1.5 | h / 100k pairs | "
+        f"CPU s / pair | x SD 1.5 (CPU time) | {mem} |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = r["pairs_per_s"] / base["pairs_per_s"] if base else float("nan")
-        r["ratio_vs_sd15"] = round(ratio, 3)
+        cpu = base["cpu_s_per_pair"] / r["cpu_s_per_pair"] if base else float("nan")
+        r["ratio_vs_sd15"], r["cpu_ratio_vs_sd15"] = round(ratio, 3), round(cpu, 3)
         print(
             f"| {r['family']} | {r['pipeline']} | {r['params_M']} | {r['pairs_per_s']:.3f} | "
-            f"{ratio:.2f} | {r['hours_per_100k_pairs']} | {r[mem]} |"
+            f"{ratio:.2f} | {r['hours_per_100k_pairs']} | {r['cpu_s_per_pair']} | {cpu:.2f} | "
+            f"{r[mem]} |"
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
