@@ -255,3 +255,38 @@ def test_preflight_names_each_refusing_key(tiny):
     assert bad.status == "error" and "is_distilled" in bad.message
     sdxl = checks("sdxl", scheduler="dpm++")["generate.diffusers.checkpoint"]
     assert sdxl.status == "ok" and "StableDiffusionXLPipeline (sdxl)" in sdxl.message
+
+
+def test_the_generate_stage_writes_flux_pairs(tiny, tmp_path):
+    """run_generate with FLUX.1: files and manifest as for SD 1.5, the family in the meta,
+    and the written positives are the pairs a direct call paints."""
+    import pandas as pd
+
+    from magicseg.core.io import read_image, read_manifest, write_manifest
+    from magicseg.generate import run_generate
+
+    recs = records(3)
+    frame = pd.DataFrame(
+        {
+            "id": [r.id for r in recs],
+            "prompt": [r.prompt for r in recs],
+            "cf_prompt": [r.cf_prompt for r in recs],
+            "class_ids": [list(r.class_ids) for r in recs],
+            "class_names": [list(r.class_names) for r in recs],
+            "seed": [r.seed for r in recs],
+        }
+    )
+    write_manifest(tmp_path / "prompts", frame)
+    p = params(tiny("flux"), "flux")
+    run_generate(tmp_path / "prompts", tmp_path / "gen", p, num_classes=1)
+    manifest = read_manifest(tmp_path / "gen")
+    assert list(manifest["id"]) == ["p0", "p1", "p2"]
+    row = manifest.iloc[2]
+    meta = json.loads(row.meta)
+    assert meta["family"] == "flux" and meta["pipeline"] == "FluxPipeline"
+    assert meta["guidance"] == 0.0 and meta["shared_latents"] is True
+    direct = DiffusersPairGenerator(p).generate([recs[2]])[0]
+    np.testing.assert_array_equal(read_image(tmp_path / "gen" / row.image), direct.positive)
+    np.testing.assert_array_equal(
+        read_image(tmp_path / "gen" / row.cf_image), direct.counterfactual
+    )

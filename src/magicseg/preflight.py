@@ -9,9 +9,11 @@ params key:
 1. every model reference the enabled backends will load (:func:`magicseg.hub.
    check_model_source`: a local directory that exists, an id in the Hugging Face cache, or a
    hub that answers; offline mode refuses uncached ids), through the backends' own checks
-   (a diffusers directory needs ``model_index.json``; the labelers' checkpoints their model
-   type: Grounding DINO or MM-Grounding-DINO/LLMDet, SAM or SAM 2.1, SAM 3); SAM 3's licence
-   opt-in (``label.sam3.accept_licence``, the SAM License) where SAM 3 will run;
+   (a diffusers directory needs ``model_index.json``, and its family, licence and the
+   generator's options must agree: :func:`magicseg.generate.diffusers.families.check_source`;
+   the labelers' checkpoints their model type: Grounding DINO or MM-Grounding-DINO/LLMDet, SAM
+   or SAM 2.1, SAM 3); SAM 3's licence opt-in (``label.sam3.accept_licence``, the SAM License)
+   where SAM 3 will run;
 2. the LLM endpoint of ``prompts.writer: openai``: the key variable set, the server answering
    ``GET /models`` within a few seconds and accepting the key, the model listed;
 3. every enabled benchmark's root and layout (the readers' own checks, nothing read);
@@ -394,7 +396,7 @@ def check_devices(p: Params, measure: Callable | None = None) -> list[Check]:
     stages: list[tuple[str, str, str, str]] = []  # (block, device, dtype, work)
     if p.generate.backend == "diffusers":
         d = p.generate.diffusers
-        work = f"{2 * pairs} images of {size} x {d.steps} steps through Stable Diffusion"
+        work = f"{2 * pairs} images of {size} x {d.steps} steps through {d.checkpoint}"
         stages.append(("generate.diffusers", d.device, d.dtype, work))
     if p.label.backend == "grounded_sam":
         g = p.label.grounded_sam
