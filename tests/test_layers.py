@@ -14,7 +14,17 @@ import yaml
 from scripts.stage_deps import ROOT, closure, edges, module_file, stage_deps, uncovered
 
 SRC = ROOT / "src" / "magicseg"
-STAGES = ("vocabulary", "check", "prompts", "generate", "label", "filter", "train", "evaluate")
+STAGES = (
+    "vocabulary",
+    "pretrain",
+    "check",
+    "prompts",
+    "generate",
+    "label",
+    "filter",
+    "train",
+    "evaluate",
+)
 
 
 def _modules() -> list[str]:
