@@ -231,3 +231,30 @@ def test_checkpoint_round_trip_and_wrong_text_encoder(backbone, tmp_path, tiny_e
         build_model("minizeg", {**cfg, "text_encoder": "minilm"}, 32)
     with pytest.raises(ConfigError, match="384"):
         build_model("minizeg", cfg, 384)
+
+
+def test_the_training_loop_trains_minizeg_and_evaluate_loads_it(
+    backbone, tmp_path, tiny_data, tiny_encoder
+):
+    from tests.conftest import tiny_train_params
+
+    from magicseg.core.seeding import derive_seed
+    from magicseg.training.loop import model_config, train
+
+    vocab_dir, filter_dir, vocab = tiny_data
+    params = tiny_train_params(
+        architecture="minizeg",
+        cf_loss="hinge_head",
+        minizeg={"backbone": str(backbone), "text_encoder": "tiny", "decoder_dim": 16},
+    )
+    before = {k: v.clone() for k, v in load_tower(backbone)[0].state_dict().items()}
+    metrics = train(filter_dir, vocab_dir, params, 0, tmp_path / "m", None, None, tiny_encoder)
+    assert metrics["steps"] == 3
+    ckpt = load_checkpoint(tmp_path / "m" / "model.pt", text_encoder=tiny_encoder)
+    assert ckpt.model_name == "minizeg"
+    tower = ckpt.model.tower.state_dict()
+    assert all(torch.equal(tower[k], v) for k, v in before.items())  # the backbone is frozen
+    torch.manual_seed(derive_seed(0, "train.init"))  # the loop's initial model
+    start = build_model("minizeg", model_config(params), 32)
+    assert not torch.equal(ckpt.model.prompts, start.prompts)  # the prompts trained
+    assert not torch.equal(ckpt.model.residual[2].weight, start.residual[2].weight)
