@@ -63,7 +63,7 @@ def main() -> None:
     base = None
     print(f"threads={args.threads} batch={args.batch} size={args.size} steps={args.steps}")
     for name, weight, kind in variants:
-        params = TrainParams(cf_weight=weight, cf_loss=kind)
+        params = TrainParams(architecture="offline", cf_weight=weight, cf_loss=kind)
         wall, cpu = time_steps(params, batch, args.steps)
         base = base or (wall, cpu)
         print(

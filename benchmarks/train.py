@@ -107,7 +107,7 @@ def offline_steps(ks: list[int], vocab_size: int, trainable: int, steps: int, ro
     from magicseg.training import data as D
     from magicseg.training.loop import _LossModule
 
-    params = TrainParams()
+    params = TrainParams(architecture="offline")
     rng = np.random.default_rng(0)
     n, size = 256, 64
     own = [
@@ -193,7 +193,7 @@ def main_offline(args) -> None:
     trainable = len(vocab.trainable)
     ks = [trainable if x == "all" else min(int(x), trainable) for x in args.ks.split(",")]
     ks = list(dict.fromkeys(ks))
-    params = TrainParams()
+    params = TrainParams(architecture="offline")
     print(
         f"offline step, cpu, {torch.get_num_threads()} threads, 64 px, batch "
         f"{params.batch_size}, {params.cf_loss} cf, vocabulary {len(vocab)} ({trainable} "

@@ -42,7 +42,13 @@ from magicseg.model import build_model
 from magicseg.training import data as D
 from magicseg.training.loop import _LossModule, make_optimizer, model_config
 
-BASE = {"precision": "fp32", "channels_last": True, "cf_fraction": 1.0, "num_workers": 0}
+BASE = {
+    "architecture": "offline",
+    "precision": "fp32",
+    "channels_last": True,
+    "cf_fraction": 1.0,
+    "num_workers": 0,
+}
 VARIANTS = {
     "today": {"_memory": True},
     "streamed": {},

@@ -117,6 +117,7 @@ def tiny_train_params(**overrides):
         "precision": "fp32",
         "cf_fraction": 1.0,
         "cf_weight": 0.5,  # the counterfactual term on, so that the tests exercise it
+        "architecture": "offline",  # the loop's tests on the U-Net (minizeg: test_miniclip)
         "offline": {"width": 8, "depth": 2, "embed_dim": 16},
     }
     return TrainParams.model_validate(base | overrides)

@@ -20,13 +20,35 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"vocabulary", "check", "prompts", "generate", "label", "filter", "train", "evaluate"}
+STAGES = {
+    "vocabulary",
+    "pretrain",
+    "check",
+    "prompts",
+    "generate",
+    "label",
+    "filter",
+    "train",
+    "evaluate",
+}
 DATA_STAGES = {"vocabulary", "prompts", "generate", "label", "filter"}
 
 MINI = {
     "vocabulary": {"holdout_combination": 4, "holdout_novel_words": 1},
     "prompts": {"requests": 6, "per_request": 4},
     "generate": {"height": 32, "width": 32},
+    "pretrain": {
+        "images": 32,
+        "test_images": 16,
+        "size": 32,
+        "stem_width": 4,
+        "width": 16,
+        "layers": 1,
+        "heads": 2,
+        "steps": 2,
+        "batch_size": 8,
+        "warmup_steps": 1,
+    },
     "train": {
         "steps": 4,
         "batch_size": 4,
@@ -124,6 +146,8 @@ def test_every_stage_runs_and_writes_its_outputs(project):
     assert metrics["label"]["samples"] == 24 and metrics["label"]["oracle_miou"] > 0.3
     assert 0 < metrics["filter"]["kept"] <= 24
     assert metrics["train"]["steps"] == 4
+    assert metrics["pretrain"]["steps"] == 2 and 0.0 <= metrics["pretrain"]["top1_heldout"] <= 1
+    assert (root / "pretrained/miniclip/model.pt").is_file()
     assert 0.0 <= metrics["eval"]["procedural"]["miou"] <= 1.0
     assert metrics["eval"]["procedural"]["segmenter"] == "trained"
     assert (root / "models/model.pt").is_file()
@@ -177,6 +201,8 @@ def test_editing_the_core_marks_every_stage(project):
     [
         ("src/magicseg/training/loop.py", {"train"}),
         ("src/magicseg/model/offline.py", {"train", "evaluate"}),
+        ("src/magicseg/miniclip/corpus.py", {"pretrain"}),  # file-level: not train
+        ("src/magicseg/miniclip/model.py", {"pretrain", "train", "evaluate"}),
         ("src/magicseg/prompts/openai_writer.py", {"prompts", "check"}),  # the LLM probe
         ("src/magicseg/evaluation/datasets/pascal.py", {"check", "evaluate"}),  # the layouts
         ("src/magicseg/viz.py", {"filter", "evaluate"}),

@@ -22,7 +22,17 @@ from scripts.stage_deps import (
 )
 
 SRC = ROOT / "src" / "magicseg"
-STAGES = ("vocabulary", "check", "prompts", "generate", "label", "filter", "train", "evaluate")
+STAGES = (
+    "vocabulary",
+    "pretrain",
+    "check",
+    "prompts",
+    "generate",
+    "label",
+    "filter",
+    "train",
+    "evaluate",
+)
 
 
 def _modules() -> list[str]:

@@ -34,7 +34,17 @@ from tests.paper_fixtures import make_coco, paper_models
 from tests.real_dataset_fixtures import make_context, make_voc
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"vocabulary", "check", "prompts", "generate", "label", "filter", "train", "evaluate"}
+STAGES = {
+    "vocabulary",
+    "pretrain",
+    "check",
+    "prompts",
+    "generate",
+    "label",
+    "filter",
+    "train",
+    "evaluate",
+}
 SIZE, STEPS = 64, 1  # generated images (px) and denoising steps
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -146,7 +156,8 @@ def paper(tmp_path_factory) -> Paper:
     root = work / "project"
     root.mkdir()
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for name in ("dvc.yaml", "stages", "src", "conf", ".gitignore", "params.yaml"):
+    # pretrained/: the committed miniature CLIP (its key matches: only its report is redone)
+    for name in ("dvc.yaml", "stages", "src", "conf", ".gitignore", "params.yaml", "pretrained"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name, **(
             {"ignore": skip} if src.is_dir() else {}))  # fmt: skip

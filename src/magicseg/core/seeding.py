@@ -16,6 +16,10 @@ import numpy as np
 
 STREAMS: dict[str, str] = {
     "vocabulary.holdout": "which classes are held out of training",
+    "pretrain.corpus": "per corpus image (of pretrain.seed): its scene, object and caption",
+    "pretrain.test": "per zero-shot test image (of pretrain.seed): its scene, object, caption",
+    "pretrain.init": "the image tower's initialisation (torch's global generator)",
+    "pretrain.batches": "per step: which corpus images form the batch",
     "prompts.plan": "the order that breaks ties between equally used classes in the plan",
     "prompts.second_class": "per request: whether it gets a second class, and the tie-break "
     "among the least used ones",

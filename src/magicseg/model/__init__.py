@@ -1,7 +1,9 @@
 """Open-vocabulary segmenters and text encoders, by name, and their checkpoints.
 
 - ``MODELS``: ``build(name, config: dict, text_dim: int) -> nn.Module`` (a :class:`Segmenter`);
-  ``config`` is the model's params block as a dict (``train.offline``, ``train.clip``).
+  ``config`` is the model's params block as a dict (``train.minizeg``, ``train.offline``,
+  ``train.clip``). ``minizeg`` loads its frozen backbone from ``config["backbone"]`` when built
+  (the ``pretrain`` stage's checkpoint, committed to git).
 - ``TEXT_ENCODERS``: ``build(name, config: dict) -> TextEncoder``.
 - A checkpoint (``torch.save`` of a dict, see :func:`save_checkpoint`) carries the model's name
   and config, the text encoder's name, the vocabulary and the weights, so ``evaluate`` and
@@ -22,6 +24,24 @@ from magicseg.model.base import Segmenter, SegmenterOutput, TextEncoder
 MODELS: Registry[Any] = Registry("model")
 TEXT_ENCODERS: Registry[TextEncoder] = Registry("text encoder")
 CHECKPOINT_FORMAT = 1
+
+
+@MODELS.register("minizeg")
+def _minizeg(config: dict, text_dim: int):
+    from magicseg.core.config import MiniZegModelParams
+    from magicseg.model.minizeg import MiniZegSegmenter
+
+    cfg = MiniZegModelParams.model_validate(config)
+    return MiniZegSegmenter(
+        cfg.backbone,
+        cfg.text_encoder,
+        cfg.vpt_tokens,
+        cfg.residual_hidden,
+        cfg.decoder_layers,
+        cfg.decoder_heads,
+        cfg.decoder_dim,
+        text_dim,
+    )
 
 
 @MODELS.register("offline")
@@ -91,7 +111,7 @@ def available_offline() -> dict[str, bool]:
     """Which models can be built here without a network (for ``magicseg info``)."""
     out = {}
     for name in MODELS.names():
-        if name == "offline":
+        if name in ("offline", "minizeg"):
             try:
                 from magicseg.model.text import minilm_path
 

