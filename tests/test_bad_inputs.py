@@ -273,7 +273,10 @@ FATAL = [
     (disk_full_generate, "disk full while writing"),
     (disk_full_label, "disk full while writing"),
     (bad_launch, "bad launch: RANK=3 must be in [0, WORLD_SIZE=2)"),
-    (unknown_backend, "unknown labeler 'grounded_samm' (available: difference, grounded_sam, "),
+    (
+        unknown_backend,
+        "unknown labeler 'grounded_samm' (available: difference, grounded_proxy, grounded_sam, ",
+    ),
 ]
 
 
