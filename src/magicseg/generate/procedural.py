@@ -63,9 +63,9 @@ def render_void(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """HxWx3 float32 in [0, 255]: what a text-to-image model paints for "a photo of nothing".
 
     Half the time a blank: one dark-to-mid grey tone (15 to 140, slightly tinted) with a soft
-    vignette; half the time noise: a mid-grey base, blotchy low-frequency noise and grain. Never
-    the light tone of a plain prompt's background (196 to 236), so a void differs from its
-    positive over most pixels, as a diffusion model's void does.
+    vignette; half the time noise: a mid-grey base, blotchy low-frequency noise (mostly grey)
+    and grain. Never the light tone of a plain prompt's background (196 to 236), so a void
+    differs from its positive over most pixels, as a diffusion model's void does.
     """
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     if rng.random() < 0.5:
@@ -74,9 +74,12 @@ def render_void(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         img = tone.astype(np.float32) * (1 - 0.4 * r2[..., None])
         return img + 4 * _smooth_noise(rng, h, w, 3)[..., None]
     base = rng.uniform(60, 130) + rng.uniform(-10, 10, 3)
-    blotches = np.stack([_smooth_noise(rng, h, w, int(rng.integers(6, 13))) for _ in range(3)], -1)
+    cells = int(rng.integers(6, 13))
+    blotches = 40 * _smooth_noise(rng, h, w, cells)[..., None] + 8 * np.stack(
+        [_smooth_noise(rng, h, w, cells) for _ in range(3)], -1
+    )
     grain = rng.normal(0, 14, (h, w, 1)) + rng.normal(0, 6, (h, w, 3))
-    return (base + 40 * blotches + grain).astype(np.float32)
+    return (base + blotches + grain).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------

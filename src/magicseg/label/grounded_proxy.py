@@ -40,6 +40,9 @@ from magicseg.label.difference import difference_foreground
 
 MIN_PIECE = 8
 """Perceived pieces smaller than this many pixels are noise, not detections."""
+MIN_CHROMA = 0.4
+"""A pixel shows a class colour only if its chroma (max - min over RGB) is at least this share
+of the colour's chroma under the fitted lighting."""
 SHADE_REACH = 3
 """A pattern-shade pixel belongs to a class only this close (pixels) to its main colour."""
 REGION_TOLERANCE = 36.0
@@ -81,14 +84,19 @@ def class_paints(names: Sequence[str]) -> list[tuple[tuple[int, int, int], ...]]
 
 
 def perceive(
-    image: np.ndarray, paints: Sequence[Sequence[tuple[int, int, int]]], tolerance: float
-) -> list[list[np.ndarray]]:
-    """Per class, the pieces (HW bool masks) of the image (HWC uint8) that show its colours.
+    image: np.ndarray,
+    paints: Sequence[Sequence[tuple[int, int, int]]],
+    tolerance: float,
+    lighting: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[list[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """Per class, the pieces (HW bool masks) of the image (HWC uint8) that show its colours,
+    and the lighting (per-channel gain and offset, two float32 3-vectors) they were seen under.
 
-    Each pixel is matched to the nearest class colour under a lighting fitted as a per-channel
-    gain and offset (three rounds, pulled towards no change); a pixel within ``tolerance`` (RGB
-    distance) of it shows that colour. A pattern shade counts only within ``SHADE_REACH`` pixels
-    of the class's main colour. Pieces: closed, connected, at least ``MIN_PIECE`` pixels.
+    Each pixel is matched to the nearest class colour under the ``lighting`` given, or one
+    fitted here (three rounds, pulled towards no change); a pixel within ``tolerance`` (RGB
+    distance) of it, and at least ``MIN_CHROMA`` as vivid, shows that colour. A pattern shade
+    counts only within ``SHADE_REACH`` pixels of the class's main colour. Pieces: closed,
+    connected, at least ``MIN_PIECE`` pixels.
     """
     # 1. Nearest colour of every pixel under the fitted lighting.
     h, w = image.shape[:2]
@@ -97,13 +105,15 @@ def perceive(
     owner = np.array([k for k, p in enumerate(paints) for _ in p])
     is_main = np.array([j == 0 for p in paints for j in range(len(p))])
     gain, offset = np.ones(3, np.float32), np.zeros(3, np.float32)
+    if lighting is not None:
+        gain, offset = lighting
     sq = (px**2).sum(1)[:, None]
     for rnd in range(4):
         seen = refs * gain + offset
         d2 = sq - 2 * px @ seen.T + (seen**2).sum(1)[None]
         near = d2.argmin(1)
         hit = np.take_along_axis(d2, near[:, None], 1)[:, 0] < tolerance**2
-        if rnd == 3 or hit.sum() < MIN_PIECE:
+        if rnd == 3 or hit.sum() < MIN_PIECE or lighting is not None:
             break
         x, y = refs[near[hit]], px[hit]
         lam = 1000.0 * len(x)  # the prior's weight: a spread of about 32 levels per pixel
@@ -112,6 +122,11 @@ def perceive(
         cov = ((x - xm) * (y - ym)).sum(0)
         gain = np.clip((cov + lam) / (var + lam), 0.5, 1.5).astype(np.float32)
         offset = (ym - gain * xm).astype(np.float32)
+    # a colour is seen only as vivid as it is painted (under the lighting): greys and muted
+    # backgrounds near a dark colour are not it
+    seen = refs * gain + offset
+    chroma = px.max(1) - px.min(1)
+    hit &= chroma >= MIN_CHROMA * (seen.max(1) - seen.min(1))[near]
     near, hit = near.reshape(h, w), hit.reshape(h, w)
 
     # 2. Per class: main colour, the pattern shade next to it, closed; its pieces.
@@ -128,7 +143,7 @@ def perceive(
         lab, n = ndimage.label(m)
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
         out.append([lab == j for j in np.flatnonzero(sizes >= MIN_PIECE) if j])
-    return out
+    return out, (gain, offset)
 
 
 def word_overlap(a: str, b: str) -> float:
@@ -216,15 +231,16 @@ class GroundedProxyLabeler:
         check for each pair of ``batch`` (images HWC uint8 RGB)."""
         return [self.label_one(item, ignore) for item in batch]
 
-    def detect(self, item: LabelInput) -> list[Detection]:
-        """Detections on the positive alone, errors included (drawn from the sample's id)."""
+    def detect(self, item: LabelInput) -> tuple[list[Detection], tuple[np.ndarray, np.ndarray]]:
+        """Detections on the positive alone, errors included (drawn from the sample's id), and
+        the lighting the positive was seen under (see :func:`perceive`)."""
         p = self.params
         rng = seeding.rng(p.seed, "label.grounded_proxy", item.id)
         image = item.positive
         paints = class_paints(item.class_names)
 
         # 1. Perception; classes of one colour share its pieces at random.
-        pieces = perceive(image, paints, p.tolerance)
+        pieces, lighting = perceive(image, paints, p.tolerance)
         dets: list[Detection] = []
         for k in range(len(paints)):
             twins = [j for j in range(len(paints)) if paints[j][0] == paints[k][0]]
@@ -263,10 +279,10 @@ class GroundedProxyLabeler:
             if region is not None:
                 score = float(rng.uniform(0.3, 0.55))
                 dets.append(Detection(int(item.class_ids[which]), score, region, false=True))
-        return dets
+        return dets, lighting
 
     def label_one(self, item: LabelInput, ignore: int) -> LabelResult:
-        dets = self.detect(item)
+        dets, lighting = self.detect(item)
         h, w = item.positive.shape[:2]
         mask = np.zeros((h, w), np.int64)
         for d in sorted(dets, key=lambda d: d.score):  # the best is painted last and wins
@@ -283,18 +299,25 @@ class GroundedProxyLabeler:
             meta={"false_detections": sum(d.false for d in dets)},
         )
         if self.params.cf_check:
-            res.cf_detected = self.cf_detected(item, dets)
+            res.cf_detected = self.cf_detected(item, dets, lighting)
             diff = difference_foreground(item.positive, item.counterfactual, self.difference)
             fg = (mask > 0) & (mask != ignore)
             union = int((fg | diff).sum())
             res.cf_agreement = float((fg & diff).sum() / union) if union else 1.0
         return res
 
-    def cf_detected(self, item: LabelInput, dets: Sequence[Detection]) -> list[bool]:
-        """Per class, whether it is found in the counterfactual: its colours show there, or a
-        false detection of it covers a region the counterfactual shows unchanged."""
+    def cf_detected(
+        self,
+        item: LabelInput,
+        dets: Sequence[Detection],
+        lighting: tuple[np.ndarray, np.ndarray],
+    ) -> list[bool]:
+        """Per class, whether it is found in the counterfactual: its colours show there (under
+        the positive's ``lighting``: the pair shares its scene, and an image without the objects
+        has nothing to fit a lighting to), or a false detection of it covers a region the
+        counterfactual shows unchanged."""
         paints = class_paints(item.class_names)
-        seen = perceive(item.counterfactual, paints, self.params.tolerance)
+        seen, _ = perceive(item.counterfactual, paints, self.params.tolerance, lighting)
         found = {  # classes of one colour are found together
             c
             for k, pieces in enumerate(seen)
