@@ -321,3 +321,20 @@ def test_a_broken_input_fails_in_the_check_stage_in_one_line(paper, key, value, 
     errors = [ln for ln in log.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1, log[-3000:]
     assert errors[0].startswith(f"error: {key}: {value} ") and culprit in errors[0]
+
+
+@pytest.mark.slow
+def test_a_clip_of_another_joint_dimension_stops_in_the_check_stage(paper):
+    """The stand-in CLIP projects to 16; the profile's atm decoder at decoder_dim 32 would fail
+    in train after generation and labeling: the pre-flight refuses it first, in one line."""
+    args = [*paper.overrides, "-S", "train.clip.decoder_dim=32"]
+    proc = _run(DVC + ["exp", "run", "-S", "profile=paper", *args], paper.root, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "check" in _ran(log) and not _ran(log) & {"prompts", "generate"}, log[-3000:]
+    clip = next(a.split("=", 1)[1] for a in paper.overrides if a.startswith("train.clip.checkp"))
+    errors = [ln for ln in log.splitlines() if ln.startswith("error: ")]
+    assert errors == [
+        "error: train.clip.decoder_dim: the atm decoder works in CLIP's joint space: "
+        f"{clip} has projection_dim 16, got 32; set train.clip.decoder_dim=16"
+    ], log[-3000:]

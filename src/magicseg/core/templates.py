@@ -19,3 +19,6 @@ ZEGCLIP_TEMPLATES = (
 )
 """The 15 templates of ZegCLIP (and the published MagicSeg code: training text features, and
 the PASCAL Context test features, ``get_embedding.ipynb: multi_templete``)."""
+
+TEMPLATES = {"zegclip15": ZEGCLIP_TEMPLATES, "single": ("a photo of a {}.",)}
+"""``train.clip.templates`` -> the templates the clip text encoder fills class names into."""

@@ -80,7 +80,8 @@ def _clip(config: dict, text_dim: int):
 @TEXT_ENCODERS.register("clip")
 def _clip_text(config: dict | None = None) -> TextEncoder:
     from magicseg.core.config import ClipModelParams
-    from magicseg.model.clip import TEMPLATES, ClipTextEncoder
+    from magicseg.core.templates import TEMPLATES
+    from magicseg.model.clip import ClipTextEncoder
 
     cfg = ClipModelParams.model_validate(config or {})
     return ClipTextEncoder(cfg.checkpoint, TEMPLATES[cfg.templates])

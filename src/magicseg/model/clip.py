@@ -58,8 +58,6 @@ LOSS_STRIDE = 4
 VPT_DROPOUT = 0.1
 """Dropout on the projected prompts of ``vpt_style: zegclip`` (the published backbone's)."""
 
-TEMPLATES = {"zegclip15": ZEGCLIP_TEMPLATES, "single": ("a photo of a {}.",)}
-
 
 CHECKPOINT_KEY = "train.clip.checkpoint"
 """The params key named in the errors of a CLIP source that cannot be loaded."""

@@ -14,6 +14,9 @@ params key:
    the labelers' checkpoints their model type: Grounding DINO or MM-Grounding-DINO/LLMDet, SAM
    or SAM 2.1, SAM 3); SAM 3's licence opt-in (``label.sam3.accept_licence``, the SAM License)
    where SAM 3 will run;
+   then each model's config (no weights) against the params that must fit it
+   (:mod:`magicseg.preflight.models`: the decoder width and CLIP's joint dimension, the
+   pipeline's components, the text lengths of the class prompts);
 2. the LLM endpoint of ``prompts.writer: openai``: the key variable set, the server answering
    ``GET /models`` within a few seconds and accepting the key, the model listed;
 3. every enabled benchmark's root and layout (the readers' own checks, nothing read);
@@ -43,13 +46,11 @@ import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from magicseg.core.config import Params
 from magicseg.core.errors import MagicsegError
 from magicseg.core.io import write_json
-
-Status = Literal["ok", "warning", "error"]
+from magicseg.preflight.base import Check, Status
 
 PNG_RATIO = 0.6
 """Bytes of a generated RGB image's PNG per raw byte (photographic content compresses
@@ -65,20 +66,6 @@ CPU_TRAIN_WARNING_S = 600.0
 """A clip training whose lower bound on a CPU exceeds this many seconds is a warning."""
 CLEARED = ("prompts", "generate", "label", "filter", "train", "evaluate")
 """The stages a passed pre-flight clears (the report's content)."""
-
-
-@dataclass(frozen=True)
-class Check:
-    """One pre-flight result: ``key`` is the params key (or ``disk``), ``message`` what was
-    found or what to do; ``machine`` marks a fact of this machine (free disk, devices)."""
-
-    status: Status
-    key: str
-    message: str
-    machine: bool = False
-
-    def line(self) -> str:
-        return f"{self.status:<7} {self.key}: {self.message}"
 
 
 class PreflightError(MagicsegError):
@@ -593,8 +580,12 @@ def run_checks(
 ) -> Iterator[Check]:
     """Every check of the module docstring, in its order, as they complete. ``where``: the
     directory the data goes to (free disk); ``timeout``: seconds for the LLM endpoint."""
+    from magicseg.preflight.models import check_model_params
+
     yield from check_vocabulary(p)
-    yield from check_models(p)
+    models = check_models(p)
+    yield from models
+    yield from check_model_params(p, {c.key for c in models if c.status == "error"})
     yield from check_llm(p, timeout)
     yield from check_benchmarks(p)
     yield check_disk(p, where)
