@@ -96,7 +96,7 @@ def test_info_lists_backends_and_profile(tmp_path):
     result = runner.invoke(app, ["info", "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 0, result.output
     assert "profile: offline" in result.output
-    assert "models: clip, offline" in result.output
+    assert "models: clip, minizeg, offline" in result.output
     assert "text encoders: clip, minilm" in result.output
     assert "offline (yes)" in result.output
     bad = tmp_path / "bad.yaml"

@@ -173,7 +173,7 @@ def test_a_good_paper_setting_passes_with_a_line_per_item(tmp_path, key_env):
                 "evaluate.context.root", "disk", "train.device"):  # fmt: skip
         assert key in by, key
     assert by["generate.diffusers.checkpoint"].message.endswith(
-        "(a diffusers pipeline, local directory)"
+        "(a StableDiffusionPipeline (sd), licence unknown, local directory)"
     )
     assert by["label.grounded_sam.sam_checkpoint"].message.endswith("(a sam checkpoint)")
     assert by["evaluate.voc.root"].message.endswith(
