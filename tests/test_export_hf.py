@@ -198,7 +198,9 @@ def test_round_trip_in_a_fresh_process_matches_the_manifests(run, exported, tmp_
             assert r["seed"] == int(gen.loc[row.id, "seed"])
             assert r["cf_agreement"] == (None if np.isnan(row.cf_agreement) else row.cf_agreement)
             assert r["reasons"] == [] and "kept" not in r
-            assert r["boxes"] is None and r["scores"] is None  # the difference labeler
+            # the default labeler (grounded_proxy) detects: its boxes and scores come through
+            assert r["boxes"] == [[float(v) for v in b] for b in row.boxes]
+            assert r["scores"] == [float(v) for v in row.scores]
         first = read_mask(run / "filter" / kept["mask"].iloc[0])
         assert got["mask0"][0] == "uint8"
         np.testing.assert_array_equal(np.array(got["mask0"][1]), first)
