@@ -224,7 +224,7 @@ def test_editing_a_module_marks_only_the_stages_that_run_it(project, edited, exp
 def test_a_label_param_reruns_label_and_what_reads_its_output(project, tmp_path):
     clone = _clone(project, tmp_path / "clone")
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["label"]["difference"]["threshold"] = 0.2
+    params["label"]["grounded_proxy"]["miss"] = 0.4  # the default labeler: other masks
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _changed(clone) == {"check", "label"}  # the stages that read label params
     ran = _ran(_run(DVC + ["repro"], clone))

@@ -201,6 +201,7 @@ def test_round_trip_in_a_fresh_process_matches_the_manifests(run, exported, tmp_
             # the default labeler (grounded_proxy) detects: its boxes and scores round-trip
             assert r["boxes"] == [[float(v) for v in b] for b in row.boxes]
             assert r["box_scores"] == [float(v) for v in row.box_scores]
+            assert r["scores"] == [float(v) for v in row.scores]
         first = read_mask(run / "filter" / kept["mask"].iloc[0])
         assert got["mask0"][0] == "uint8"
         np.testing.assert_array_equal(np.array(got["mask0"][1]), first)
