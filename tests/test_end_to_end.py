@@ -293,19 +293,19 @@ def test_killed_dvc_repro_train_resumes_to_the_same_model_bytes(project, tmp_pat
 
 
 # --------------------------------------------------------------------------------------------
-# a modern labeler: `dvc exp run -S labeler=sam3` with a diffusers generator
+# a modern generator and labeler: `dvc exp run -S generator=flux-schnell -S labeler=sam3`
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_dvc_exp_run_with_sam3_and_a_diffusers_generator_reaches_evaluate(tmp_path):
-    """``dvc exp run -S labeler=sam3`` (the Hydra group) on a miniature project whose pairs come
-    from a tiny random Stable Diffusion and whose labels from a tiny random SAM 3 (built here,
-    no hub). Random SAM 3 scores hover at 0.5 x 0.5, so the instance threshold is lowered and
-    the filter switched off (otherwise every sample is dropped and train has nothing)."""
+def test_dvc_exp_run_with_flux_and_sam3_reaches_evaluate(tmp_path):
+    """``dvc exp run -S generator=flux-schnell -S labeler=sam3`` (the Hydra groups) on a
+    miniature project whose pairs come from a tiny random FLUX.1 [schnell]-type pipeline and whose
+    labels from a tiny random SAM 3 (both built here, no hub). Random SAM 3 scores hover at
+    0.5 x 0.5, so the instance threshold is lowered and the filter switched off (otherwise every sample is dropped and train has nothing)."""
     from tests.tiny_labelers import save_sam3
-    from tests.tiny_models import tiny_sd_pipeline_dir
+    from tests.tiny_models import tiny_flux_pipeline_dir
 
     # 1. Models and the project copy (hydra on, the committed offline params).
-    sd = tiny_sd_pipeline_dir(tmp_path / "models")
+    flux = tiny_flux_pipeline_dir(tmp_path / "models")
     sam3 = save_sam3(tmp_path / "models")
     root = tmp_path / "project"
     root.mkdir()
@@ -327,8 +327,7 @@ def test_dvc_exp_run_with_sam3_and_a_diffusers_generator_reaches_evaluate(tmp_pa
 
     # 2. The run: the labeler group, the two model references, the licence opt-in, sizes.
     sets = {
-        "generate.backend": "diffusers",
-        "generate.diffusers.checkpoint": sd,
+        "generate.diffusers.checkpoint": flux,
         "generate.diffusers.steps": 1,
         "generate.diffusers.dtype": "float32",
         "generate.height": 32,
@@ -352,17 +351,22 @@ def test_dvc_exp_run_with_sam3_and_a_diffusers_generator_reaches_evaluate(tmp_pa
         "train.offline.embed_dim": 16,
         "evaluate.test_samples": 8,
         "evaluate.gallery_samples": 2,
+        **{f"pretrain.{k}": v for k, v in MINI["pretrain"].items()},
     }
     overrides = [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
-    run = DVC + ["exp", "run", "-n", "sam3-mini", "-S", "labeler=sam3", *overrides]
+    groups = ["-S", "generator=flux-schnell", "-S", "labeler=sam3"]
+    run = DVC + ["exp", "run", "-n", "flux-sam3-mini", *groups, *overrides]
     log = _run(run, root, timeout=1500)  # about 11 min on 2 shared cores
     assert _ran(log) == STAGES, log[-3000:]
 
-    # 3. SAM 3 labelled every pair, with its presence check; evaluate scored the result.
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    assert params["label"]["backend"] == "sam3" and params["generate"]["backend"] == "diffusers"
     import pandas as pd
 
+    # 3. FLUX painted every pair; SAM 3 labelled each, with its presence check; evaluate ran.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["label"]["backend"] == "sam3" and params["generate"]["backend"] == "diffusers"
+    assert params["generate"]["diffusers"]["family"] == "flux"
+    gen = pd.read_parquet(root / "data/generate/manifest.parquet")
+    assert len(gen) == 24 and (root / "data/generate" / gen["image"].iloc[0]).is_file()
     label = pd.read_parquet(root / "data/label/manifest.parquet")
     assert len(label) == 24 and set(label["backend"]) == {"sam3"}
     metas = [json.loads(m) for m in label["meta"]]
