@@ -257,6 +257,17 @@ def test_preflight_names_each_refusing_key(tiny):
     assert sdxl.status == "ok" and "StableDiffusionXLPipeline (sdxl)" in sdxl.message
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux", "flux2", "sdxl"])
+def test_the_model_config_check_accepts_every_family(tiny, kind):
+    """The pre-flight's config check (denoiser inputs vs VAE channels, size vs the latent
+    grid) knows each family's layout: FLUX packs 2x2 latent patches (4x the VAE's channels)."""
+    from magicseg.preflight.models import check_diffusers
+
+    p = Params(generate=params(tiny(kind), kind).model_copy(update={"height": 32, "width": 32}))
+    errors = [c for c in check_diffusers(p) if c.status == "error"]
+    assert not errors, [c.line() for c in errors]
+
+
 def test_the_generate_stage_writes_flux_pairs(tiny, tmp_path):
     """run_generate with FLUX.1: files and manifest as for SD 1.5, the family in the meta,
     and the written positives are the pairs a direct call paints."""

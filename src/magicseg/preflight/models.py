@@ -190,16 +190,20 @@ def check_diffusers(p: Params) -> list:
         out.append(Check("warning", "generate.diffusers.safety_checker", msg))
     vae = read_json(d.checkpoint, "vae/config.json") or {}
     net = read_json(d.checkpoint, f"{denoiser}/config.json") or {}
+    # FLUX.1 and FLUX.2 pack 2x2 latent patches into one token: 4 x the VAE's channels
+    packed = str(index.get("_class_name", "")).startswith("Flux")
     latent, inputs = vae.get("latent_channels"), net.get("in_channels")
-    if latent and inputs and inputs != latent:
+    expected = latent * 4 if (latent and packed) else latent
+    if latent and inputs and inputs != expected:
         msg = (
             f"{d.checkpoint}'s {denoiser} takes {inputs} input channels, its VAE makes "
-            f"{latent}: an inpainting model, not a text-to-image one"
+            f"{latent}{' (packed 2x2: ' + str(expected) + ')' if packed else ''}: an inpainting "
+            "model, not a text-to-image one"
         )
         out.append(Check("error", key, msg))
     blocks = vae.get("block_out_channels")
     if blocks:
-        factor = 2 ** (len(blocks) - 1)
+        factor = 2 ** (len(blocks) - 1) * (2 if packed else 1)
         for side in ("height", "width"):
             value = getattr(p.generate, side)
             if value % factor:
