@@ -733,16 +733,18 @@ def test_a_failed_experiment_is_reported_with_its_log(tiny_grid, monkeypatch):
 def test_the_real_grids_plan_on_the_miniature_project(project):
     code, out = _ablate("--grid", "all", "--seeds", "0,1,2", "--dry-run")
     assert code == 0, out
-    # paper 8 cells, masks 4 (the 2 grounded_proxy cells refused), sampling: K = 5, 25, 50, 100
-    # below the trainable classes and all (the 252 classes of the vocabulary, which the trainer
-    # clamps): 17 cells x 3 seeds
-    assert "51 experiments (paper, masks, sampling x seeds 0,1,2)" in out
-    assert "ablate: masks/grounded_proxy/filter refused (label.backend: " in out
+    # paper 8 cells, masks 6 (exact, grounded_proxy, difference x filter on/off), sampling:
+    # K = 5, 25, 50, 100 below the trainable classes and all (the 252 classes of the vocabulary,
+    # which the trainer clamps): 19 cells x 3 seeds
+    assert "57 experiments (paper, masks, sampling x seeds 0,1,2)" in out
+    assert "refused" not in out
     for line in (
         "-n abl-paper-rich-hinge-head-s0 -S seed=0 -S prompts.style=rich "
         "-S train.cf_loss=hinge_head -S train.cf_weight=0.5",
         "-n abl-paper-plain-off-s2 -S seed=2 -S prompts.style=plain -S train.cf_weight=0.0",
         "-n abl-masks-oracle-no-filter-s1 -S seed=1 -S label.backend=oracle "
+        "-S filter.enabled=false",
+        "-n abl-masks-grounded-proxy-no-filter-s0 -S seed=0 -S label.backend=grounded_proxy "
         "-S filter.enabled=false",
         "-n abl-sampling-k-100-s0 -S seed=0 -S train.num_sampled=100",
         "-n abl-sampling-k-all-s0 -S seed=0 -S train.num_sampled=252",
@@ -751,7 +753,8 @@ def test_the_real_grids_plan_on_the_miniature_project(project):
     # without --seeds each grid runs on its own: paper 5 seeds, the others 3
     code, out = _ablate("--grid", "paper,masks", "--dry-run")
     assert code == 0, out
-    assert "52 experiments (paper x seeds 0,1,2,3,4, masks x seeds 0,1,2)" in out
+    assert "58 experiments (paper x seeds 0,1,2,3,4, masks x seeds 0,1,2)" in out
+    assert "-n abl-masks-grounded-proxy-filter-s2 -S seed=2 -S label.backend=grounded_proxy" in out
     assert "-n abl-paper-plain-text-margin-s4 -S seed=4 -S prompts.style=plain " in out
 
 
