@@ -11,6 +11,19 @@ from magicseg.generate import run_generate
 from magicseg.label import run_label
 from magicseg.prompts.stage import run_prompts
 
+# dvc.yaml's stages in pipeline order (tests/test_layers.py checks the file against it)
+STAGES = (
+    "vocabulary",
+    "pretrain",
+    "check",
+    "prompts",
+    "generate",
+    "label",
+    "filter",
+    "train",
+    "evaluate",
+)
+
 
 def make_dataset(
     root: Path, requests: int = 6, per_request: int = 2, drift: float = 0.2, seed: int = 0

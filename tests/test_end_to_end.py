@@ -18,19 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.helpers import STAGES as ALL_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {
-    "vocabulary",
-    "pretrain",
-    "check",
-    "prompts",
-    "generate",
-    "label",
-    "filter",
-    "train",
-    "evaluate",
-}
+STAGES = set(ALL_STAGES)
 DATA_STAGES = {"vocabulary", "prompts", "generate", "label", "filter"}
 
 MINI = {

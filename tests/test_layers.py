@@ -20,19 +20,9 @@ from scripts.stage_deps import (
     stage_deps,
     uncovered,
 )
+from tests.helpers import STAGES
 
 SRC = ROOT / "src" / "magicseg"
-STAGES = (
-    "vocabulary",
-    "pretrain",
-    "check",
-    "prompts",
-    "generate",
-    "label",
-    "filter",
-    "train",
-    "evaluate",
-)
 
 
 def _modules() -> list[str]:

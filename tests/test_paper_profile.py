@@ -30,21 +30,12 @@ import pytest
 import yaml
 from PIL import Image
 from tests.chat_server import ChatServer
+from tests.helpers import STAGES as ALL_STAGES
 from tests.paper_fixtures import make_coco, paper_models
 from tests.real_dataset_fixtures import make_context, make_voc
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {
-    "vocabulary",
-    "pretrain",
-    "check",
-    "prompts",
-    "generate",
-    "label",
-    "filter",
-    "train",
-    "evaluate",
-}
+STAGES = set(ALL_STAGES)
 SIZE, STEPS = 64, 1  # generated images (px) and denoising steps
 DVC = [sys.executable, "-m", "dvc"]
 

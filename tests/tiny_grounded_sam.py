@@ -28,15 +28,48 @@ def bert_tokenizer():
     return BertTokenizer.from_pretrained(path)
 
 
+def detector_config_kwargs(size: str, vocab_size: int) -> tuple[int, dict]:
+    """(image px, config kwargs) of a tiny/small Grounding-DINO-family detector (Grounding DINO
+    and MM-Grounding-DINO share the architecture): Swin backbone, BERT text tower."""
+    from transformers import BertConfig, SwinConfig
+
+    px, dim, text, queries = {"tiny": (128, 16, 32, 20), "small": (256, 32, 64, 50)}[size]
+    return px, dict(
+        backbone_config=SwinConfig(
+            image_size=px,
+            embed_dim=dim,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 2, 2],
+            window_size=4,
+            out_features=["stage2", "stage3", "stage4"],
+        ),
+        text_config=BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=text,
+            num_hidden_layers=1 if size == "tiny" else 2,
+            num_attention_heads=2,
+            intermediate_size=2 * text,
+        ),
+        d_model=text,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_queries=queries,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        encoder_ffn_dim=2 * text,
+        decoder_ffn_dim=2 * text,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+    )
+
+
 def build_grounding_dino(size: str = "tiny", max_text_len: int | None = None):
     """(model, processor) for ``size`` in tiny / small / full, random weights, eval mode."""
     import torch
     from transformers import (
-        BertConfig,
         GroundingDinoConfig,
         GroundingDinoForObjectDetection,
         GroundingDinoProcessor,
-        SwinConfig,
     )
     from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
         GroundingDinoImageProcessorPil,
@@ -48,35 +81,8 @@ def build_grounding_dino(size: str = "tiny", max_text_len: int | None = None):
         config = GroundingDinoConfig(max_text_len=max_text_len or 256)
         image_proc = GroundingDinoImageProcessorPil()
     else:
-        px, dim, text, queries = {"tiny": (128, 16, 32, 20), "small": (256, 32, 64, 50)}[size]
-        config = GroundingDinoConfig(
-            backbone_config=SwinConfig(
-                image_size=px,
-                embed_dim=dim,
-                depths=[1, 1, 1, 1],
-                num_heads=[1, 1, 2, 2],
-                window_size=4,
-                out_features=["stage2", "stage3", "stage4"],
-            ),
-            text_config=BertConfig(
-                vocab_size=len(tok),
-                hidden_size=text,
-                num_hidden_layers=1 if size == "tiny" else 2,
-                num_attention_heads=2,
-                intermediate_size=2 * text,
-            ),
-            d_model=text,
-            encoder_layers=1,
-            decoder_layers=2,
-            num_queries=queries,
-            encoder_n_points=2,
-            decoder_n_points=2,
-            encoder_ffn_dim=2 * text,
-            decoder_ffn_dim=2 * text,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            max_text_len=max_text_len or 32,
-        )
+        px, kwargs = detector_config_kwargs(size, len(tok))
+        config = GroundingDinoConfig(**kwargs, max_text_len=max_text_len or 32)
         image_proc = GroundingDinoImageProcessorPil(
             size={"shortest_edge": px, "longest_edge": px * 5 // 4}
         )

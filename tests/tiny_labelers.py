@@ -17,18 +17,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.tiny_grounded_sam import bert_tokenizer, build_sam
+from tests.tiny_grounded_sam import bert_tokenizer, build_sam, detector_config_kwargs
 
 
 def build_mm_grounding_dino(size: str = "tiny"):
     """(model, processor) for ``size`` tiny / small, random weights, eval mode."""
     import torch
     from transformers import (
-        BertConfig,
         GroundingDinoProcessor,
         MMGroundingDinoConfig,
         MMGroundingDinoForObjectDetection,
-        SwinConfig,
     )
     from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
         GroundingDinoImageProcessorPil,
@@ -36,35 +34,8 @@ def build_mm_grounding_dino(size: str = "tiny"):
 
     tok = bert_tokenizer()
     torch.manual_seed(0)
-    px, dim, text, queries = {"tiny": (128, 16, 32, 20), "small": (256, 32, 64, 50)}[size]
-    config = MMGroundingDinoConfig(
-        backbone_config=SwinConfig(
-            image_size=px,
-            embed_dim=dim,
-            depths=[1, 1, 1, 1],
-            num_heads=[1, 1, 2, 2],
-            window_size=4,
-            out_features=["stage2", "stage3", "stage4"],
-        ),
-        text_config=BertConfig(
-            vocab_size=len(tok),
-            hidden_size=text,
-            num_hidden_layers=1 if size == "tiny" else 2,
-            num_attention_heads=2,
-            intermediate_size=2 * text,
-        ),
-        d_model=text,
-        encoder_layers=1,
-        decoder_layers=2,
-        num_queries=queries,
-        encoder_n_points=2,
-        decoder_n_points=2,
-        encoder_ffn_dim=2 * text,
-        decoder_ffn_dim=2 * text,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        max_text_len=32,
-    )
+    px, kwargs = detector_config_kwargs(size, len(tok))
+    config = MMGroundingDinoConfig(**kwargs, max_text_len=32)
     image_proc = GroundingDinoImageProcessorPil(
         size={"shortest_edge": px, "longest_edge": px * 5 // 4}
     )
