@@ -40,40 +40,12 @@ README_START, README_END = "<!-- stability:start -->", "<!-- stability:end -->"
 def make_dataset(root: Path, n: int, size: int, limit: int) -> tuple[Path, Path]:
     """``n`` procedural pairs with exact masks over the first ``limit`` catalogue classes (4
     held-out combinations and 1 novel word drawn at seed 0), one class an image, in the
-    layout of the filter stage's output (``filter/``, ``vocabulary/``)."""
-    import pandas as pd
+    layout of the filter stage's output (``filter/``, ``vocabulary/``): the training-levers
+    benchmark's data on a smaller world."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_levers import make_dataset as levers_dataset
 
-    from magicseg.core.config import ProceduralGeneratorParams
-    from magicseg.core.io import write_image, write_manifest, write_mask
-    from magicseg.core.vocabulary import build_vocabulary
-    from magicseg.generate.base import PromptRecord
-    from magicseg.generate.procedural import ProceduralGenerator
-
-    vocab = build_vocabulary(
-        "procedural", holdout_combination=4, holdout_novel_words=1, limit=limit, seed=0
-    )
-    write_manifest(root / "vocabulary", vocab.to_frame())
-    gen = ProceduralGenerator(ProceduralGeneratorParams(), size, size)
-    rows = []
-    for i in range(n):
-        ids = (vocab.trainable[i % len(vocab.trainable)],)
-        names = tuple(vocab.display[c - 1] for c in ids)
-        rec = PromptRecord(f"s{i:05d}", f"a photo of {names[0]}", "", ids, names, 1000 + i)
-        pair = gen.render(rec)
-        write_image(root / f"images/{rec.id}.png", pair.positive)
-        write_image(root / f"cf/{rec.id}.png", pair.counterfactual)
-        write_mask(root / f"masks/{rec.id}.png", pair.oracle_mask, len(vocab))
-        rows.append(
-            {
-                "id": rec.id,
-                "class_ids": list(ids),
-                "image": f"../images/{rec.id}.png",
-                "cf_image": f"../cf/{rec.id}.png",
-                "mask": f"../masks/{rec.id}.png",
-            }
-        )
-    write_manifest(root / "filter", pd.DataFrame(rows))
-    return root / "filter", root / "vocabulary"
+    return levers_dataset(root, n, size, limit=limit, combination=4, novel=1)
 
 
 def runs_of(seeds: list[int], ema: float, bf16_threads: bool = False) -> dict[str, dict]:

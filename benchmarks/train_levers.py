@@ -63,15 +63,25 @@ VARIANTS = {
 }
 
 
-def make_dataset(root: Path, n: int, size: int) -> tuple[Path, Path]:
-    """``n`` procedural pairs with exact masks in a filter-like layout (vocabulary, filter)."""
+def make_dataset(
+    root: Path, n: int, size: int, limit: int | None = None, combination: int = 16, novel: int = 2
+) -> tuple[Path, Path]:
+    """``n`` procedural pairs with exact masks in a filter-like layout (vocabulary, filter), one
+    class an image, over the first ``limit`` catalogue classes (all: None) with ``combination``
+    held-out combinations and ``novel`` novel words drawn at seed 0."""
     from magicseg.core.config import ProceduralGeneratorParams
     from magicseg.core.io import write_image, write_manifest, write_mask
     from magicseg.core.vocabulary import build_vocabulary
     from magicseg.generate.base import PromptRecord
     from magicseg.generate.procedural import ProceduralGenerator
 
-    vocab = build_vocabulary("procedural", holdout_combination=16, holdout_novel_words=2, seed=0)
+    vocab = build_vocabulary(
+        "procedural",
+        holdout_combination=combination,
+        holdout_novel_words=novel,
+        limit=limit,
+        seed=0,
+    )
     write_manifest(root / "vocabulary", vocab.to_frame())
     gen = ProceduralGenerator(ProceduralGeneratorParams(), size, size)
     rows = []
