@@ -791,7 +791,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from magicseg.core.config import parse_params
     from magicseg.core.vocabulary import build_vocabulary
-    from magicseg.model.clip import TEMPLATES
+    from magicseg.core.templates import TEMPLATES
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
