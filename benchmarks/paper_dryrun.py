@@ -790,8 +790,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from magicseg.core.config import parse_params
-    from magicseg.core.vocabulary import build_vocabulary
     from magicseg.core.templates import TEMPLATES
+    from magicseg.core.vocabulary import build_vocabulary
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

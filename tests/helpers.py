@@ -11,6 +11,20 @@ from magicseg.generate import run_generate
 from magicseg.label import run_label
 from magicseg.prompts.stage import run_prompts
 
+# the pretrain stage in miniature, for end-to-end runs (seconds, not minutes)
+TINY_PRETRAIN = {
+    "images": 32,
+    "test_images": 16,
+    "size": 32,
+    "stem_width": 4,
+    "width": 16,
+    "layers": 1,
+    "heads": 2,
+    "steps": 2,
+    "batch_size": 8,
+    "warmup_steps": 1,
+}
+
 # dvc.yaml's stages in pipeline order (tests/test_layers.py checks the file against it)
 STAGES = (
     "vocabulary",

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tests.helpers import STAGES as ALL_STAGES
+from tests.helpers import TINY_PRETRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = set(ALL_STAGES)
@@ -28,18 +29,7 @@ MINI = {
     "vocabulary": {"holdout_combination": 4, "holdout_novel_words": 1},
     "prompts": {"requests": 6, "per_request": 4},
     "generate": {"height": 32, "width": 32},
-    "pretrain": {
-        "images": 32,
-        "test_images": 16,
-        "size": 32,
-        "stem_width": 4,
-        "width": 16,
-        "layers": 1,
-        "heads": 2,
-        "steps": 2,
-        "batch_size": 8,
-        "warmup_steps": 1,
-    },
+    "pretrain": TINY_PRETRAIN,
     "train": {
         "steps": 4,
         "batch_size": 4,

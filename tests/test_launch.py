@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.helpers import TINY_PRETRAIN
 
 from magicseg.core.config import LaunchParams, Params, params_to_dict, parse_params
 from magicseg.core.errors import ConfigError
@@ -301,6 +302,7 @@ MINI = {
     "vocabulary": {"holdout_combination": 4, "holdout_novel_words": 1},
     "prompts": {"requests": 4, "per_request": 3},
     "generate": {"height": 32, "width": 32},
+    "pretrain": TINY_PRETRAIN,
     "train": {
         "steps": 2,
         "batch_size": 4,
@@ -366,8 +368,8 @@ def test_dvc_exp_run_two_processes_records_the_run_and_equals_one_process(tmp_pa
     # 2. Every stage up to train through DVC, the launched ones in 2 processes; DVC writes the
     # lock (evaluate, one process, is left out to save time).
     log = _run(DVC + ["exp", "run", "-S", "launch.processes=2", "train"], root)
-    assert _ran(log) == {"vocabulary", "check", "prompts", "generate", "label", "filter",
-                         "train"}  # fmt: skip
+    assert _ran(log) == {"vocabulary", "pretrain", "check", "prompts", "generate", "label",
+                         "filter", "train"}  # fmt: skip
     for stage in ("generate", "label", "train"):
         assert f"--nproc-per-node 2 --standalone stages/{stage}.py" in log, stage
     assert re.search(r"generate: \d+ pairs by procedural \(rank 1 of 2\)", log)
