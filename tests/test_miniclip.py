@@ -46,11 +46,12 @@ def test_corpus_is_seeded_covers_every_class_and_captions_name_the_class():
     for i in (0, 7, 251, 299):
         assert CATALOGUE[a.classes[i]].name in a.caption(i)
     assert {a.contexts[i] for i in range(300)} > {C.BARE}  # varied captions
-    assert not hasattr(a, "masks")
+    assert a.masks is None  # training never sees where the object is
     other = C.render_corpus(1, False, 4, 32, 0.3, 4)
     test = C.render_corpus(0, True, 4, 32, 0.3, 4)
     assert not np.array_equal(other.images, a.images[:4])
     assert not np.array_equal(test.images, a.images[:4])
+    assert test.masks.shape == (4, 32, 32) and test.masks.any(axis=(1, 2)).all()
 
 
 def test_caption_table_is_context_major():
@@ -108,8 +109,10 @@ def test_pretrain_writes_a_checkpoint_keeps_it_and_reports_the_split(
     holdout = {*novel, 1}
     kinds = {"combination": [1], "novel": novel}
     report = P.pretrain(params, tmp_path / "m", names, holdout, kinds, tiny_encoder, False)
-    for key in ("top1", "top1_seen", "top1_heldout", "top1_heldout_novel", "final_loss"):
+    for key in ("top1", "top1_seen", "top1_heldout", "top1_heldout_novel", "final_loss",
+                "dense_top1", "dense_top1_seen", "dense_top1_heldout_novel"):  # fmt: skip
         assert key in report, key
+    assert 0.0 <= report["dense_top1"] <= 1.0
     assert 0.0 <= report["top1_heldout_novel"] <= 1.0 and report["steps"] == 3
     ckpt = tmp_path / "m" / "model.pt"
     before = ckpt.read_bytes()
@@ -126,6 +129,50 @@ def test_pretrain_writes_a_checkpoint_keeps_it_and_reports_the_split(
             params.model_copy(update={"steps": 4}), tmp_path / "m", names, holdout, kinds,
             tiny_encoder, False,
         )  # fmt: skip
+
+
+class _FakeTower:
+    """Tokens = a given dense map (project = identity): for dense_correct."""
+
+    patch = 4
+
+    def __init__(self, dense):
+        self.dense = dense
+
+    def __call__(self, images):
+        from magicseg.miniclip.model import TowerOutput
+
+        d = self.dense[: len(images)]
+        return TowerOutput(d.mean(dim=(2, 3)), d)
+
+    def project(self, tokens):
+        return tokens
+
+
+def test_dense_score_counts_object_positions_classified_alone():
+    size, n = 32, 2
+    masks = np.zeros((n, size, size), bool)
+    masks[:, :16, :16] = True  # the top-left 4x4 cells of the 8x8 grid
+    test = C.Corpus(np.zeros((n, size, size, 3), np.uint8), np.array([0, 1]), np.zeros(2, int),
+                    masks)  # fmt: skip
+    text = torch.eye(3)
+    dense = torch.zeros(n, 3, 8, 8)
+    dense[:, 2] = 1.0  # every position says class 2 ...
+    dense[0, :, :4, :4] = text[0, :, None, None]  # ... but image 0's object says its class 0
+    dense[1, :, :2, :4] = text[1, :, None, None]  # half of image 1's object says class 1
+    got = P.dense_correct(_FakeTower(dense), test, text)
+    assert got.tolist() == [1.0, 0.5]
+
+
+def test_dense_weight_changes_the_objective(tiny_encoder):
+    corpus = C.render_corpus(0, False, 8, 32, 0.3, 4)
+    table = tiny_encoder.encode(C.caption_texts()).view(len(C.CONTEXTS), len(CATALOGUE), -1)
+    params = PretrainParams(**{**TINY, "images": 8, "steps": 2})
+    losses = [
+        P.train_tower(params.model_copy(update={"dense_weight": w}), corpus, table, False)[2]
+        for w in (0.0, 1.0)
+    ]
+    assert losses[1][-1]["loss"] > losses[0][-1]["loss"]  # the dense term adds a loss
 
 
 def test_pretraining_learns_a_fixed_batch(tiny_encoder, monkeypatch):

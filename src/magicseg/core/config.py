@@ -405,6 +405,17 @@ class PretrainParams(Section):
     logit_scale: float = Field(50.0, ge=1.0, le=100.0)
     """Initial temperature of the image-caption softmax (learned, at most 100): MiniLM's class
     names are close to each other (cos about 0.9 within a shape), so it must grow large."""
+    dense_weight: float = Field(1.0, ge=0.0)
+    """Weight of the dense (multiple-instance) caption loss beside the global one: each
+    position's projected feature is scored against every caption, the scores are pooled over
+    the positions (the mean of the best ``dense_top_fraction`` of them) into a second 252-way
+    softmax. A caption still says only what is in the image, never where. With the global loss
+    alone (0) the class ends up in the background positions: in a 1,000-step calibration,
+    object positions classified alone 2.5% right (the text of the image's class was closer to
+    its background positions, cos 0.34, than to its object, 0.11); with it 65%."""
+    dense_top_fraction: float = Field(0.1, gt=0.0, le=1.0)
+    """Share of the positions whose mean score is an image's dense score for a caption (1 =
+    the mean, as the global loss; a log-mean-exp instead gave 58% in the same calibration)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Autocast dtype of the forward pass on the CPU."""
     num_threads: int = Field(0, ge=0)

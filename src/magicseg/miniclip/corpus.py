@@ -63,11 +63,13 @@ TINTS = ((1.08, 1.0, 0.86), (0.9, 0.96, 1.1), (0.78, 0.78, 0.84))
 class Corpus:
     """``images`` NxSxSx3 uint8; ``classes`` N catalogue indices (0-based); ``contexts`` N
     indices into :data:`CONTEXTS` (the caption of image i is ``CONTEXTS[contexts[i]]`` filled
-    with ``CATALOGUE[classes[i]].name``)."""
+    with ``CATALOGUE[classes[i]].name``); ``masks`` NxSxS bool, the object's pixels (kept for
+    the zero-shot test's dense score only: training never sees them)."""
 
     images: np.ndarray
     classes: np.ndarray
     contexts: np.ndarray
+    masks: np.ndarray | None = None
 
     def caption(self, i: int) -> str:
         return CONTEXTS[int(self.contexts[i])].format(c=CATALOGUE[int(self.classes[i])].name)
@@ -88,8 +90,8 @@ def render_image(
     seed: int, test: bool, i: int, size: int, plain_fraction: float, distractors: int
 ) -> tuple[np.ndarray, int, int]:
     """Image ``i`` of the corpus, or of the zero-shot test (``test``), its class ``i`` modulo
-    the catalogue: (SxSx3 uint8, class index, context index). The same arguments always give
-    the same bytes."""
+    the catalogue: (SxSx3 uint8, class index, context index, SxS bool object mask). The same
+    arguments always give the same bytes."""
     g = rng(seed, "pretrain.test", i) if test else rng(seed, "pretrain.corpus", i)
     cls = i % len(CATALOGUE)
     cat = CATALOGUE[cls]
@@ -103,12 +105,13 @@ def render_image(
     r = 0.5 * g.uniform(0.22, 0.5) * size * 1.25
     cy, cx = g.uniform(0.25, 0.75, 2) * size
     theta = float(g.uniform(-0.5, 0.5))
-    paint_object(img, cat, shape_mask(cat.shape, size, size, cy, cx, r, theta), g, theta)
+    mask = shape_mask(cat.shape, size, size, cy, cx, r, theta)
+    paint_object(img, cat, mask, g, theta)
     _light(img, spec)
     img += g.normal(0, 2.0, img.shape).astype(np.float32)
     scene_ctx = 2 + list(SCENE_WORDS).index(style) if style else len(CONTEXTS) - 1
     ctx = (BARE, 1, scene_ctx)[int(g.integers(3))]
-    return _to_u8(img), cls, ctx
+    return _to_u8(img), cls, ctx, mask
 
 
 def render_corpus(
@@ -120,18 +123,22 @@ def render_corpus(
     distractors: int,
     progress: bool = False,
 ) -> Corpus:
-    """``n`` images of the corpus, or of the zero-shot test (``test``)."""
+    """``n`` images of the corpus, or of the zero-shot test (``test``, which keeps the object
+    masks)."""
     from tqdm import tqdm
 
     images = np.empty((n, size, size, 3), np.uint8)
     classes = np.empty(n, np.int64)
     contexts = np.empty(n, np.int64)
+    masks = np.empty((n, size, size), bool) if test else None
     what = "zero-shot test" if test else "corpus"
     for i in tqdm(range(n), desc=f"render {what}", unit="image", disable=not progress):
-        images[i], classes[i], contexts[i] = render_image(
+        images[i], classes[i], contexts[i], mask = render_image(
             seed, test, i, size, plain_fraction, distractors
         )
-    return Corpus(images, classes, contexts)
+        if masks is not None:
+            masks[i] = mask
+    return Corpus(images, classes, contexts, masks)
 
 
 def split_of(names: Sequence[str], holdout: set[int], kinds: dict[str, Sequence[int]]):

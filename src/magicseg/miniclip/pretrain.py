@@ -5,11 +5,19 @@ Training (LiT-style: the text tower is frozen, only the image tower and a temper
 each step draws ``batch_size`` corpus images (stream ``pretrain.batches``), embeds them, and
 scores each against the captions of every catalogue class in the image's own caption context
 (:data:`magicseg.miniclip.corpus.CONTEXTS`); the loss is the cross-entropy of that 252-way
-softmax at a learned temperature. AdamW, linear warm-up, cosine decay to 5% of the peak.
+softmax at a learned temperature, plus ``dense_weight`` x the same cross-entropy on dense
+scores: every position's projected feature against every caption, pooled over the positions by
+the mean of the best ``dense_top_fraction`` of them (multiple-instance learning: the caption
+names what is somewhere in the image, so some positions must match it and none may match
+another caption strongly). AdamW,
+linear warm-up, cosine decay to 5% of the peak.
 
 Zero-shot test: ``test_images`` images of their own stream (``pretrain.test``), classified
 against the bare class names (the text the segmenters encode); top-1 overall and on the seen and
-held-out classes of the vocabulary split given (``vocabulary`` and the global ``seed`` draw it).
+held-out classes of the vocabulary split given (``vocabulary`` and the global ``seed`` draw it);
+``dense_top1``: each object position's projected feature alone classified the same way (the
+positions at stride 4 that the object's mask covers for at least half), the skill a segmenter
+on the frozen tower starts from.
 
 The checkpoint records a key over the ``pretrain`` params and the source of the code that draws
 and trains (this package, :mod:`magicseg.scene` and the catalogue): when DVC re-runs
@@ -66,6 +74,25 @@ def embed(tower: ImageTower, images: np.ndarray, batch: int = 256) -> torch.Tens
     return F.normalize(torch.cat(out).float(), dim=-1)
 
 
+@torch.no_grad()
+def dense_correct(
+    tower: ImageTower, test: C.Corpus, class_text: torch.Tensor, batch: int = 256
+) -> np.ndarray:
+    """N fraction of each test image's object positions (stride 4, mask covering at least half
+    of the 4x4 cell) whose projected feature alone is closest to the image's class text."""
+    text = F.normalize(class_text, dim=-1)
+    out = []
+    for s in range(0, len(test.images), batch):
+        o = tower(_as_tensor(test.images[s : s + batch]))
+        dense = F.normalize(tower.project(o.tokens).float(), dim=1)
+        pred = torch.einsum("behw,ke->bkhw", dense, text).argmax(1)
+        masks = torch.from_numpy(test.masks[s : s + batch]).float()[:, None]
+        obj = F.avg_pool2d(masks, tower.patch)[:, 0] >= 0.5
+        ok = (pred == torch.from_numpy(test.classes[s : s + batch])[:, None, None]) & obj
+        out.append(ok.flatten(1).sum(1).float() / obj.flatten(1).sum(1).clamp(min=1).float())
+    return torch.cat(out).numpy()
+
+
 def zero_shot(
     tower: ImageTower,
     test: C.Corpus,
@@ -73,9 +100,11 @@ def zero_shot(
     split: dict[int, str],
 ) -> dict:
     """Top-1 of the test images against ``class_text`` (NclassxE, bare names): overall and
-    per split group (``seen``, ``heldout``, and the held-out kinds)."""
+    per split group (``seen``, ``heldout``, and the held-out kinds); ``dense_top1`` (and per
+    group): the mean over the images of their object positions classified right alone."""
     pred = (embed(tower, test.images) @ F.normalize(class_text, dim=-1).T).argmax(1).numpy()
     correct = pred == test.classes
+    dense = dense_correct(tower, test, class_text)
     out = {"top1": round(float(correct.mean()), 4)}
     groups: dict[str, list[bool]] = {}
     for cls, ok in zip(test.classes, correct, strict=True):
@@ -87,6 +116,16 @@ def zero_shot(
         if group in groups and group != "unused":
             name = group if group in ("seen", "heldout") else f"heldout_{group}"
             out[f"top1_{name}"] = round(float(np.mean(groups[group])), 4)
+    out["dense_top1"] = round(float(dense.mean()), 4)
+    for group in ("seen", "heldout", "novel"):
+        keep = [
+            split[int(c)] == group
+            or (group == "heldout" and split[int(c)] not in ("seen", "unused"))
+            for c in test.classes
+        ]
+        if any(keep):
+            name = group if group != "novel" else "heldout_novel"
+            out[f"dense_top1_{name}"] = round(float(dense[np.array(keep)].mean()), 4)
     return out
 
 
@@ -133,10 +172,18 @@ def train_tower(
         target = torch.from_numpy(corpus.classes[idx])
         texts = table[torch.from_numpy(corpus.contexts[idx])]  # BxKxE
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            glob = tower(images).glob
-        img = F.normalize(glob.float(), dim=-1)
+            out = tower(images)
+        img = F.normalize(out.glob.float(), dim=-1)
         logits = torch.einsum("be,bke->bk", img, texts) * scale.exp()
         loss = F.cross_entropy(logits, target)
+        if params.dense_weight > 0:  # multiple-instance: the best positions' mean score
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                dense = tower.project(out.tokens)
+            dense = F.normalize(dense.float(), dim=1).flatten(2)  # BxExN
+            per_pos = torch.einsum("ben,bke->bkn", dense, texts) * scale.exp()  # BxKxN
+            top = max(1, round(params.dense_top_fraction * per_pos.shape[2]))
+            pooled = per_pos.topk(top, dim=2).values.mean(2)
+            loss = loss + params.dense_weight * F.cross_entropy(pooled, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -163,7 +163,10 @@ class MiniZegSegmenter(nn.Module):
 
     def _output(self, glob, dense, class_features, size, h, w) -> SegmenterOutput:
         logits, queries = self.decode(dense, class_features)
-        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+        # channels-last: the CPU's bilinear upsampling (and its backward) is about 3x faster on
+        # it than on NCHW for these many-channel, small-grid logits
+        logits = logits.float().contiguous(memory_format=torch.channels_last)
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return SegmenterOutput(
             logits[..., :h, :w], glob.float(), dense.mean(dim=(2, 3)).float(), queries.float()
         )
