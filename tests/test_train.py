@@ -126,6 +126,30 @@ def test_batch_targets_follow_sampled_classes(tiny_data, tiny_encoder):
     assert batch.cf_rows.all()
 
 
+def test_decoded_samples_are_kept_in_memory_only_when_they_fit(tiny_data, monkeypatch):
+    import magicseg.training.data as D
+
+    params = tiny_train_params(batch_size=4, num_sampled=5)
+    reads = []
+    real_read = D.PairIndex.read
+    monkeypatch.setattr(
+        D.PairIndex, "read", lambda self, i, **k: reads.append(i) or real_read(self, i, **k)
+    )
+    cached, _ = _items(tiny_data, params)
+    first = [cached[i] for i in range(12)]
+    again = [cached[i] for i in range(12)]  # the same positions: no second read
+    n_cached = len(reads)
+    monkeypatch.setattr(D, "READ_CACHE_BYTES", 0)
+    plain, _ = _items(tiny_data, params)
+    assert plain._cache is None and cached._cache is not None
+    reads.clear()
+    fresh = [plain[i] for i in range(12)]
+    assert len(reads) == 12 and n_cached == len({(i, k) for i, k in cached._cache})
+    for a, b, c in zip(first, again, fresh, strict=True):
+        for key in ("image", "cf_image", "target", "sampled"):
+            assert torch.equal(a[key], b[key]) and torch.equal(a[key], c[key])
+
+
 def test_items_are_functions_of_step_and_position_not_of_order_or_workers(tiny_data):
     params = tiny_train_params(batch_size=4, num_sampled=5)
     items, _ = _items(tiny_data, params)

@@ -44,7 +44,7 @@ from magicseg.core.devices import resolve_device
 from magicseg.core.errors import BackendError, ConfigError
 from magicseg.core.templates import ZEGCLIP_TEMPLATES
 from magicseg.model.base import SegmenterOutput
-from magicseg.model.losses import hinge_cos, parts, text_margin
+from magicseg.model.losses import embedding_cf_loss, parts
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -521,22 +521,16 @@ def clip_loss(model: ClipSegmenter, batch, params) -> tuple[torch.Tensor, dict[s
         pix = model.mask_loss(aux, batch.target)
         if use_cf:
             glob = glob.float()
-            if kind == "hinge_head":
-                cf_loss = hinge_cos(glob[:b][rows], glob[b:])
-            elif kind == "hinge_pixels":
-                g_cf = model.pixel_features(grid[b:]).mean(1)
-                cf_loss = hinge_cos(pixel_mean.float()[rows], g_cf.float())
-            elif kind == "text_margin":
-                if glob.shape[-1] != classes.shape[-1]:
-                    raise ConfigError(
-                        "train.cf_loss: text_margin needs class features in CLIP's joint space "
-                        f"({glob.shape[-1]}-d), got {classes.shape[-1]}-d"
-                    )
-                cf_loss = text_margin(
-                    glob[:b][rows], glob[b:], classes[rows], batch.own[rows], params.cf_margin
-                )
-            else:
-                raise ConfigError(f"train.cf_loss: unknown {kind!r}")
+            cf_loss = embedding_cf_loss(
+                kind,
+                glob[:b][rows],
+                glob[b:],
+                pixel_mean.float()[rows],
+                lambda: model.pixel_features(grid[b:]).mean(1).float(),
+                classes[rows],
+                batch.own[rows],
+                params.cf_margin,
+            )
     total = pix + params.cf_weight * cf_loss
     return total, parts(total, pix, cf_loss)
 

@@ -11,8 +11,12 @@ the same model as one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from magicseg.core.errors import ConfigError
 
 IGNORE = -100
 """Ignore value of remapped training targets (torch's cross-entropy default)."""
@@ -77,6 +81,35 @@ def text_margin(
     gap = (gp * t).sum(-1) - (gn * t).sum(-1)
     loss = (margin - gap).clamp_min(0)
     return process_mean((loss * valid).sum(), valid.sum())
+
+
+def embedding_cf_loss(
+    kind: str,
+    g_pos: torch.Tensor,
+    g_cf: torch.Tensor,
+    pixels_pos: torch.Tensor,
+    pixels_cf: Callable[[], torch.Tensor],
+    text: torch.Tensor,
+    own: torch.Tensor,
+    margin: float,
+) -> torch.Tensor:
+    """The counterfactual losses on embeddings (``train.cf_loss``), shared by the segmenters:
+    ``hinge_head`` on the global embeddings ``g_*`` (BxE, positives with a counterfactual and
+    their counterfactuals), ``hinge_pixels`` on the mean pixel features (``pixels_pos`` BxE,
+    ``pixels_cf`` computed only for this kind), ``text_margin`` against the own classes' text
+    embeddings ``text`` (BxJxE, ``own`` BxJ bool)."""
+    if kind == "hinge_head":
+        return hinge_cos(g_pos, g_cf)
+    if kind == "hinge_pixels":
+        return hinge_cos(pixels_pos, pixels_cf())
+    if kind == "text_margin":
+        if g_pos.shape[-1] != text.shape[-1]:
+            raise ConfigError(
+                "train.cf_loss: text_margin needs class features in CLIP's joint space "
+                f"({g_pos.shape[-1]}-d), got {text.shape[-1]}-d"
+            )
+        return text_margin(g_pos, g_cf, text, own, margin)
+    raise ConfigError(f"train.cf_loss: unknown {kind!r}")
 
 
 def parts(total: torch.Tensor, pix: torch.Tensor, cf: torch.Tensor) -> dict[str, float]:

@@ -37,7 +37,7 @@ from torch import nn
 
 from magicseg.core.errors import ConfigError
 from magicseg.model.base import SegmenterOutput
-from magicseg.model.losses import hinge_cos, parts, pixel_loss, text_margin
+from magicseg.model.losses import embedding_cf_loss, parts, pixel_loss
 
 
 class MiniZegSegmenter(nn.Module):
@@ -199,20 +199,16 @@ def minizeg_loss(model: MiniZegSegmenter, batch, params) -> tuple[torch.Tensor, 
         logits = out.logits
         if use_cf:
             g = glob.float()
-            if kind == "hinge_head":
-                cf_loss = hinge_cos(g[:b][rows], g[b:])
-            elif kind == "hinge_pixels":
-                cf_loss = hinge_cos(out.pixel_mean[rows], dense[b:].mean(dim=(2, 3)).float())
-            elif kind == "text_margin":
-                cf_loss = text_margin(
-                    g[:b][rows],
-                    g[b:],
-                    out.class_embeddings[rows],
-                    batch.own[rows],
-                    params.cf_margin,
-                )
-            else:
-                raise ConfigError(f"train.cf_loss: unknown {kind!r}")
+            cf_loss = embedding_cf_loss(
+                kind,
+                g[:b][rows],
+                g[b:],
+                out.pixel_mean[rows],
+                lambda: dense[b:].mean(dim=(2, 3)).float(),
+                out.class_embeddings[rows],
+                batch.own[rows],
+                params.cf_margin,
+            )
     pix = pixel_loss(logits, batch.target, params.bg_weight)
     total = pix + params.cf_weight * cf_loss
     return total, parts(total, pix, cf_loss)
