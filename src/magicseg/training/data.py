@@ -309,8 +309,10 @@ class TrainItems(torch.utils.data.Dataset):
         #    preallocated array per field, filled as samples are first read: kept in many small
         #    arrays instead, they pinned the heap between the steps' large temporaries and the
         #    resident memory grew by about 5 MB a step.
+        #    Only a :class:`PairIndex` (files) is cached; any other index (anything with
+        #    ``ids``, ``class_ids``, ``num_classes`` and ``read``) is read as it is.
         self._cache: dict[str, np.ndarray] | None = None
-        if len(index):
+        if isinstance(index, PairIndex) and len(index):
             image = read_image(index.images[0])
             n, (h, w) = len(index), image.shape[:2]
             if n * h * w * (3 + 3 + 8) <= READ_CACHE_BYTES:
