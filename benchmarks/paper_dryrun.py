@@ -927,7 +927,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "peak_cuda_gib": round(s.peak_cuda / 2**30, 2) if gpu else None,
                 "params": s.params,
                 "facts": s.facts,
-                "paper_run_device_hours": round(hours[s.name], 1),
+                "paper_run_device_hours": round(hours[s.name], 3),
             }
             for s in stages
         },

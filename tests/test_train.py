@@ -108,6 +108,36 @@ def _items(tiny_data, params, seed=0):
     return TrainItems(index, plan, vocab.trainable, params.num_sampled, params, seed), vocab
 
 
+def test_a_sample_of_another_size_is_read_past_the_cache(tiny_data, monkeypatch):
+    """The in-memory arrays are sized from sample 0; a larger sample is read from disk each
+    time, whole, and the others are still cached."""
+    import magicseg.training.data as D
+
+    params = tiny_train_params(batch_size=4, num_sampled=5)
+    reads: list[int] = []
+    real_read = D.PairIndex.read
+
+    def read(self, i, **k):
+        reads.append(i)
+        image, cf, mask = real_read(self, i, **k)
+        if i == odd:  # twice the size
+            image, cf, mask = (a.repeat(2, 0).repeat(2, 1) for a in (image, cf, mask))
+        return image, cf, mask
+
+    monkeypatch.setattr(D.PairIndex, "read", read)
+    items, _ = _items(tiny_data, params)
+    odd = next(s for s in range(1, len(items.index)) if s != items.plan.sample(0))
+    positions = [i for i in range(400) if items.plan.sample(i) == odd][:2]
+    assert len(positions) == 2
+    h, w = items.index.read(items.plan.sample(0))[0].shape[:2]
+    reads.clear()
+    for i in positions + positions:
+        assert tuple(items[i]["target"].shape) == (2 * h, 2 * w)
+    assert reads.count(odd) == 4  # never cached
+    items[0], items[0]
+    assert reads.count(items.plan.sample(0)) == 1  # read once, then cached
+
+
 def _batch(tiny_data, tiny_encoder, params, seed=0, step=0) -> Batch:
     items, vocab = _items(tiny_data, params, seed)
     return batch_at(items, step, tiny_encoder.encode(list(vocab.names)))

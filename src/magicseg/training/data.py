@@ -328,13 +328,16 @@ class TrainItems(torch.utils.data.Dataset):
 
     def _read(self, s: int, counterfactual: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``index.read(s, counterfactual)``, from the in-memory arrays when the set fits (the
-        caller never writes into what it gets: flips are views, the rest copies)."""
+        caller never writes into what it gets: flips are views, the rest copies). The arrays are
+        sized from the first sample: a sample of another size is read from disk each time."""
         c = self._cache
         if c is None:
             return self.index.read(s, counterfactual=counterfactual)
         have = c["have"][s]
         if not have[0] or (counterfactual and not have[1]):
             image, cf, mask = self.index.read(s, counterfactual=counterfactual)
+            if image.shape != c["image"].shape[1:] or mask.shape != c["mask"].shape[1:]:
+                return image, cf, mask
             c["image"][s], c["mask"][s] = image, mask
             if counterfactual:
                 c["cf"][s] = cf
