@@ -232,6 +232,9 @@ def test_sampling_values_span_5_to_all_with_at_least_four():
     assert list(g.cells) == ["K=5", "K=25", "K=50", "K=100", "K=all"]
     assert g.cells["K=all"] == {"train.num_sampled": 252}
     assert g.effects["K=5_vs_all"] == {"K=5": 1, "K=all": -1}
+    steps = [e for e in g.effects if not e.endswith("_vs_all")]
+    assert steps == ["K=25_vs_K=5", "K=50_vs_K=25", "K=100_vs_K=50", "K=all_vs_K=100"]
+    assert g.effects["K=50_vs_K=25"] == {"K=50": 1, "K=25": -1}
     assert g.seeds == (0, 1, 2)
     with pytest.raises(ConfigError, match="unknown grid 'papr'"):
         A.grid("papr", 48, 40)
@@ -670,6 +673,21 @@ def test_a_tiny_grid_through_the_dvc_queue(tiny_grid):
     assert "4 experiments (tiny x seeds 0,1): 4 done" in out and "stages run" not in out
     assert (root / "metrics/ablations.json").read_bytes() == before
     assert len(_by_hand(root)) == 4
+
+    # 7. --collect with a seed not run: nothing queued, the finished seeds written, the rest
+    #    listed; then the file is restored by a plain re-run.
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,1,2", "--collect")
+    assert code == 0, out
+    assert "2 to queue" in out and "--collect: 2 experiment(s) not run; none queued" in out
+    assert "abl-tiny-b-s2: not run" in out and "stages run" not in out
+    collected = json.loads((root / "metrics/ablations.json").read_text())["grids"]["tiny"]
+    assert collected["cells"]["a"]["metrics"]["seen"]["n"] == 2
+    assert collected["effects"]["b_vs_a"]["metrics"]["seen"]["n"] == 2
+    assert len(_by_hand(root)) == 4  # nothing queued
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,1", "--collect", "--dry-run")
+    assert code == 2 and "--collect" in out
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,1")
+    assert code == 0 and (root / "metrics/ablations.json").read_bytes() == before
 
 
 @pytest.mark.slow

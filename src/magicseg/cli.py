@@ -321,6 +321,13 @@ def ablate(
     dry_run: Annotated[
         bool, typer.Option(help="Print the plan and the dvc commands; queue nothing.")
     ] = False,
+    collect: Annotated[
+        bool,
+        typer.Option(
+            help="Queue and run nothing: write the results of the experiments already finished "
+            "(a partial grid, each cell with the seeds it has) and list the rest as not run."
+        ),
+    ] = False,
     report_only: Annotated[
         bool,
         typer.Option(
@@ -345,8 +352,10 @@ def ablate(
 
     names = [g.strip() for g in grid.split(",") if g.strip()]
     if report_only:
-        if seeds is not None or dry_run:
-            raise ConfigError("--report-only: runs nothing; leave out --seeds and --dry-run")
+        if seeds is not None or dry_run or collect:
+            raise ConfigError(
+                "--report-only: runs nothing; leave out --seeds, --dry-run and --collect"
+            )
         run_report_only(names, out, plots=plots, echo=typer.echo)
         return
     seed_list = None
@@ -357,7 +366,11 @@ def ablate(
             raise ConfigError(
                 f"--seeds: comma-separated integers, like 0,1,2 (got {seeds!r})"
             ) from None
-    outcome = run_ablate(names, seed_list, jobs, dry_run, out, plots=plots, echo=typer.echo)
+    outcome = run_ablate(
+        names, seed_list, jobs, dry_run, out, collect=collect, plots=plots, echo=typer.echo
+    )
+    if collect:
+        outcome.failed = [p for p in outcome.failed if p.state != "to queue"]
     if outcome.failed:
         raise DataError(
             f"ablate: {len(outcome.failed)} experiment(s) did not finish "

@@ -22,7 +22,8 @@ Then it collects every experiment's metrics and writes (:mod:`.report`, :mod:`.s
   ``plots/ablations`` plot of ``dvc.yaml``, template ``.dvc/plots/bars_error.json``).
 
 ``magicseg ablate --report-only`` recomputes the tables from the per-seed values of an existing
-``metrics/ablations.json`` (:func:`.runner.report_only`).
+``metrics/ablations.json`` (:func:`.runner.report_only`); ``--collect`` writes them from the
+experiments that have finished, queueing nothing.
 """
 
 from magicseg.ablate.grids import (
@@ -44,6 +45,7 @@ from magicseg.ablate.grids import (
     mask_effects,
     paper_effects,
     refusals,
+    sampling_effects,
     sampling_values,
     slug,
 )
@@ -117,6 +119,7 @@ __all__ = [
     "report_only",
     "rereport",
     "resolve_grids",
+    "sampling_effects",
     "sampling_values",
     "slug",
     "stage_counts",

@@ -184,6 +184,17 @@ def sampling_values(trainable: int) -> list[int]:
     return sorted(ks)
 
 
+def sampling_effects(ks: Sequence[int]) -> dict[str, dict[str, int]]:
+    """Each K against all (``K=5_vs_all``), and each step up from the next smaller K
+    (``K=25_vs_K=5``, ..., ``K=all_vs_K=100``): where the steps stop paying is how large K must
+    be, and they stay measurable when the costly "all" cell has not run."""
+    names = [f"K={k}" for k in sorted(ks)] + ["K=all"]
+    effects = {f"{c}_vs_all": {c: 1, "K=all": -1} for c in names[:-1]}
+    for lo, hi in zip(names, names[1:], strict=False):
+        effects[f"{hi}_vs_{lo}"] = {hi: 1, lo: -1}
+    return effects
+
+
 def known_backends() -> dict[str, tuple[str, ...]]:
     """Dotted params key -> the values the params classes accept, for the backend keys a cell
     may name that this version may not have (``label.backend``)."""
@@ -216,9 +227,10 @@ def grid(name: str, vocabulary_size: int, trainable: int) -> Grid:
         raise ConfigError(f"--grid: unknown grid {name!r} (available: {', '.join(GRIDS)}, all)")
     seeds = DEFAULT_SEEDS.get(name, (0, 1, 2))
     if name == "sampling":
-        cells = {f"K={k}": {"train.num_sampled": k} for k in sampling_values(trainable)}
+        ks = sampling_values(trainable)
+        cells = {f"K={k}": {"train.num_sampled": k} for k in ks}
         cells["K=all"] = {"train.num_sampled": vocabulary_size}
-        effects = {f"K={k}_vs_all": {f"K={k}": 1, "K=all": -1} for k in sampling_values(trainable)}
+        effects = sampling_effects(ks)
         return Grid(name, cells, effects, DESCRIPTIONS["sampling"], seeds)
     cells, effects = GRIDS[name], EFFECTS.get(name, {})
     refused = refusals(cells)

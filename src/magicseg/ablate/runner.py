@@ -54,6 +54,7 @@ def ablate(
     jobs: int = 1,
     dry_run: bool = False,
     out: Path = Path("metrics/ablations.json"),
+    collect: bool = False,
     table: Path | None = None,
     plots: Path = Path("plots/ablations"),
     root: Path = Path("."),
@@ -61,7 +62,9 @@ def ablate(
 ) -> Outcome:
     """Run the grids through DVC's queue, every cell of a grid on the same seeds (``seeds``, or
     None: each grid's default), and write the results (:mod:`magicseg.ablate.report`).
-    ``dry_run``: print the plan and the commands, queue nothing, write nothing."""
+    ``dry_run``: print the plan and the commands, queue nothing, write nothing. ``collect``:
+    queue and run nothing, write the results of the experiments already finished (a partial
+    grid: each cell with the seeds it has; the rest listed as not run)."""
     # 1. Check the inputs before any work.
     root = Path(root)
     table = table or out.with_suffix(".md")
@@ -71,9 +74,12 @@ def ablate(
         raise ConfigError(f"--seeds: give distinct seeds >= 0 (got {list(seeds)})")
     if jobs < 1:
         raise ConfigError(f"--jobs: must be >= 1 (got {jobs})")
+    if collect and dry_run:
+        raise ConfigError("--collect: writes the finished experiments' results; --dry-run "
+                          "writes nothing: give one of them")  # fmt: skip
     ours = [os.path.relpath(Path(p).resolve(), root.resolve()) for p in (out, table, plots)]
     dirty = dirty_files(root, ours)
-    if dirty and not dry_run:
+    if dirty and not (dry_run or collect):
         raise ConfigError(
             f"workspace: uncommitted changes to {', '.join(dirty[:5])}: commit or stash them "
             "first (queued experiments would run them, finished ones did not)"
@@ -111,10 +117,14 @@ def ablate(
             echo(f"  dvc exp run --queue -n {p.name} {' '.join(p.sets())}")
         return Outcome(planned, [], [])
 
-    # 3. Queue what is missing, run the queue.
+    # 3. Queue what is missing, run the queue (--collect: neither).
+    if collect:
+        todo = []
+        if counts["to queue"]:
+            echo(f"ablate: --collect: {counts['to queue']} experiment(s) not run; none queued")
     for p in todo:
         _call([*DVC, "exp", "run", "--queue", "-n", p.name, *p.sets()], root, f"queue {p.name}")
-    waiting = [p for p in planned if p.state != "done"]
+    waiting = [] if collect else [p for p in planned if p.state != "done"]
     ran, cached = Counter(), Counter()
     if waiting:
         log = run_queue(root, jobs, len(waiting), root / QUEUE_LOG, echo)
@@ -135,7 +145,10 @@ def ablate(
     echo(f"ablate: wrote {out}, {table}, {plots}/")
     failed = [p for p in planned if p.state != "done"]
     for p in failed:
-        echo(_failure(p, [e for e in exps if e.name == p.name]))
+        if collect and p.state == "to queue":
+            echo(f"{p.name}: not run")
+        else:
+            echo(_failure(p, [e for e in exps if e.name == p.name]))
     return Outcome(planned, [p.name for p in todo], failed, data, ran, cached)
 
 
