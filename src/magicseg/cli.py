@@ -369,8 +369,6 @@ def ablate(
     outcome = run_ablate(
         names, seed_list, jobs, dry_run, out, collect=collect, plots=plots, echo=typer.echo
     )
-    if collect:
-        outcome.failed = [p for p in outcome.failed if p.state != "to queue"]
     if outcome.failed:
         raise DataError(
             f"ablate: {len(outcome.failed)} experiment(s) did not finish "

@@ -4,6 +4,7 @@ experiment. Pure data and small functions: no DVC, no torch."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import typing
 from collections.abc import Sequence
@@ -190,7 +191,7 @@ def sampling_effects(ks: Sequence[int]) -> dict[str, dict[str, int]]:
     be, and they stay measurable when the costly "all" cell has not run."""
     names = [f"K={k}" for k in sorted(ks)] + ["K=all"]
     effects = {f"{c}_vs_all": {c: 1, "K=all": -1} for c in names[:-1]}
-    for lo, hi in zip(names, names[1:], strict=False):
+    for lo, hi in itertools.pairwise(names):
         effects[f"{hi}_vs_{lo}"] = {hi: 1, lo: -1}
     return effects
 

@@ -38,7 +38,8 @@ from magicseg.core.errors import ConfigError
 
 @dataclass
 class Outcome:
-    """What :func:`ablate` did: the plan (with states), experiments queued, failures."""
+    """What :func:`ablate` did: the plan (with states), experiments queued, failures (queued or
+    run but not finished) and, with ``collect``, those left unqueued (``not_run``)."""
 
     planned: list[Planned]
     queued: list[str]
@@ -46,6 +47,7 @@ class Outcome:
     data: dict | None = None
     ran: Counter = field(default_factory=Counter)
     cached: Counter = field(default_factory=Counter)
+    not_run: list[Planned] = field(default_factory=list)
 
 
 def ablate(
@@ -118,11 +120,11 @@ def ablate(
         return Outcome(planned, [], [])
 
     # 3. Queue what is missing, run the queue (--collect: neither).
-    if collect:
-        todo = []
-        if counts["to queue"]:
-            echo(f"ablate: --collect: {counts['to queue']} experiment(s) not run; none queued")
-    for p in todo:
+    not_run = todo if collect else []
+    queued = [] if collect else todo
+    if not_run:
+        echo(f"ablate: --collect: {len(not_run)} experiment(s) not run; none queued")
+    for p in queued:
         _call([*DVC, "exp", "run", "--queue", "-n", p.name, *p.sets()], root, f"queue {p.name}")
     waiting = [] if collect else [p for p in planned if p.state != "done"]
     ran, cached = Counter(), Counter()
@@ -143,13 +145,12 @@ def ablate(
     results = {g.name: grid_results(g, planned, previous) for g in grids}
     data = write_results(results, out, table, plots)
     echo(f"ablate: wrote {out}, {table}, {plots}/")
-    failed = [p for p in planned if p.state != "done"]
+    for p in not_run:
+        echo(f"{p.name}: not run")
+    failed = [p for p in planned if p.state != "done" and p not in not_run]
     for p in failed:
-        if collect and p.state == "to queue":
-            echo(f"{p.name}: not run")
-        else:
-            echo(_failure(p, [e for e in exps if e.name == p.name]))
-    return Outcome(planned, [p.name for p in todo], failed, data, ran, cached)
+        echo(_failure(p, [e for e in exps if e.name == p.name]))
+    return Outcome(planned, [p.name for p in queued], failed, data, ran, cached, not_run)
 
 
 def _failure(p: Planned, exps: Sequence[Experiment]) -> str:
