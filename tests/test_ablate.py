@@ -686,6 +686,15 @@ def test_a_tiny_grid_through_the_dvc_queue(tiny_grid):
     assert len(_by_hand(root)) == 4  # nothing queued
     code, out = _ablate("--grid", "tiny", "--seeds", "0,1", "--collect", "--dry-run")
     assert code == 2 and "--collect" in out
+
+    # 8. --collect beside a queue that still holds an experiment of the grid: not a failure.
+    _run(DVC + ["exp", "run", "--queue", "-n", "abl-tiny-a-s2", "-S", "seed=2",
+                "-S", "train.cf_weight=0.0"], root)  # fmt: skip
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,1,2", "--collect")
+    assert code == 0, out
+    assert "abl-tiny-a-s2: still queued in DVC's queue" in out and "did not finish" not in out
+    assert "abl-tiny-b-s2: not run" in out and "--collect: 1 experiment(s) not run" in out
+    _run(DVC + ["queue", "remove", "abl-tiny-a-s2"], root)
     code, out = _ablate("--grid", "tiny", "--seeds", "0,1")
     assert code == 0 and (root / "metrics/ablations.json").read_bytes() == before
 

@@ -90,6 +90,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "k": ("metrics/train.json", "num_sampled_effective"),
     "label_miou": ("metrics/label.json", "oracle_miou"),
     "kept_ratio": ("metrics/filter.json", "kept_ratio"),
+    "cf_fg": ("metrics/eval.json", "procedural.cf_fg_rate"),
 }
 """Metric name -> (metrics file, dotted key) read from each experiment; ``step_s`` (seconds
 per training step) comes on top. Missing ones are left out."""
@@ -102,11 +103,12 @@ LABELS = {
     "k": "K used",
     "label_miou": "labels vs exact",
     "kept_ratio": "kept",
+    "cf_fg": "cf pixels called a class",
     STEP: "s/step",
 }
-EFFECT_METRICS = ("seen", "heldout", "heldout_combination", "heldout_novel", STEP)
+EFFECT_METRICS = ("seen", "heldout", "heldout_combination", "heldout_novel", "cf_fg", STEP)
 COLUMNS = {
-    "paper": ("seen", "heldout", "heldout_combination", "heldout_novel", STEP),
+    "paper": ("seen", "heldout", "heldout_combination", "heldout_novel", "cf_fg", STEP),
     "sampling": ("k", "seen", "heldout", "heldout_combination", "heldout_novel", STEP),
     "masks": (
         "seen",

@@ -39,7 +39,8 @@ from magicseg.core.errors import ConfigError
 @dataclass
 class Outcome:
     """What :func:`ablate` did: the plan (with states), experiments queued, failures (queued or
-    run but not finished) and, with ``collect``, those left unqueued (``not_run``)."""
+    run but not finished) and, with ``collect``, those left unqueued (``not_run``) and those
+    still queued or running in DVC's queue (``pending``: not failures, collect again later)."""
 
     planned: list[Planned]
     queued: list[str]
@@ -48,6 +49,7 @@ class Outcome:
     ran: Counter = field(default_factory=Counter)
     cached: Counter = field(default_factory=Counter)
     not_run: list[Planned] = field(default_factory=list)
+    pending: list[Planned] = field(default_factory=list)
 
 
 def ablate(
@@ -147,10 +149,15 @@ def ablate(
     echo(f"ablate: wrote {out}, {table}, {plots}/")
     for p in not_run:
         echo(f"{p.name}: not run")
-    failed = [p for p in planned if p.state != "done" and p not in not_run]
+    # --collect beside a queue that still runs (another ablate, or `dvc exp run --run-all`):
+    # its queued and running experiments have not failed; they are collected by a later call.
+    pending = [p for p in planned if collect and p.state in ("queued", "running")]
+    for p in pending:
+        echo(f"{p.name}: still {p.state} in DVC's queue; --collect again when it has finished")
+    failed = [p for p in planned if p.state != "done" and p not in not_run and p not in pending]
     for p in failed:
         echo(_failure(p, [e for e in exps if e.name == p.name]))
-    return Outcome(planned, [p.name for p in queued], failed, data, ran, cached, not_run)
+    return Outcome(planned, [p.name for p in queued], failed, data, ran, cached, not_run, pending)
 
 
 def _failure(p: Planned, exps: Sequence[Experiment]) -> str:
