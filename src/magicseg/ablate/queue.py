@@ -36,7 +36,8 @@ def step_seconds(log: str | None) -> float | None:
     experiment's log (``train: 412.3 s (1000 steps at 0.3981 s, validation 9.2 s)``, printed by
     :func:`magicseg.training.loop.train`; its ``timing.json`` stays in the experiment's
     temporary copy, and wall-clock is no metric). None where no line ran a step (a train stage
-    the run cache restored, or a run rebuilt from its finished state)."""
+    up to date in the baseline's ``dvc.lock`` or restored from the run cache, or a run rebuilt
+    from its finished state)."""
     found = [(int(n), float(s)) for n, s in STEP_LINE.findall(log or "") if int(n) > 0]
     return found[-1][1] if found else None
 

@@ -234,8 +234,9 @@ def markdown(data: dict) -> str:
         "95% Student t-interval [low, high]; **bold** where the interval excludes 0 (an "
         "effect), plain where it is within the noise. `(unpaired)`: cells that share fewer "
         "than 2 seeds, compared by their means (Welch interval). An effect's n reads `2/3` "
-        "where its metrics have different counts of seeds (a step time is missing where the "
-        "run cache restored an experiment's train stage, which then prints no timing)."
+        "where its metrics have different counts of seeds (a step time is missing where an "
+        "experiment trained nothing: its train stage was up to date in the baseline's "
+        "`dvc.lock` or restored from the run cache, and printed no timing)."
     )
     return "\n".join(out) + "\n"
 
