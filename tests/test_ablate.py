@@ -360,6 +360,61 @@ def _results():
     return A.grid_results(dataclasses.replace(g, seeds=(0, 1)), planned, previous={"a0": 0.2})
 
 
+def test_recorded_results_are_reused_where_the_experiments_are_gone(tmp_path):
+    """A fresh clone has no ``refs/exps``: results that ``metrics/ablations.json`` records on a
+    commit with the same pipeline inputs and params count as done; after a change to params or
+    to a stage's code they run again."""
+    from magicseg.ablate.queue import reuse_recorded
+
+    root = tmp_path
+    _run(["git", "init", "-q"], root)
+    stage = {"stages": {"s": {"cmd": "true", "deps": ["code.py"]}}}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(stage))
+    (root / "code.py").write_text("x = 1\n")
+    (root / "params.yaml").write_text("seed: 0\n")
+    (root / "README.md").write_text("a\n")
+
+    def commit(message: str) -> str:
+        _run(["git", *GIT_ID, "add", "-A"], root)
+        _run(["git", *GIT_ID, "commit", "-qm", message], root)
+        return _run(["git", "rev-parse", "HEAD"], root, stdout_only=True).strip()
+
+    base = commit("base")
+    cell = {
+        "overrides": {"x": 1},
+        "experiments": {"0": {"name": "abl-g-a-s0", "rev": "r0", "baseline": base},
+                        "1": {"name": "abl-g-a-s1", "rev": "r1"}},  # an older file: no baseline
+        "metrics": {"seen": {"n": 2, "values": {"0": 0.25, "1": 0.26}},
+                    "step_s": {"n": 1, "values": {"0": 0.5}}},
+    }  # fmt: skip
+    data = {"grids": {"g": {"cells": {"a": cell}}}}
+
+    def fresh():
+        todo = [_planned(f"abl-g-a-s{s}", "a", s, {}) for s in (0, 1)]
+        todo.append(_planned("abl-g-b-s0", "b", 0, {}))
+        for p in todo:
+            p.overrides = {"x": 1}
+        return todo
+
+    (root / "README.md").write_text("b\n")  # not a pipeline input
+    head = commit("docs")
+    todo = fresh()
+    assert reuse_recorded(todo, data, root, head) == [todo[0]]
+    assert [p.state for p in todo] == ["done", "to queue", "to queue"]
+    assert todo[0].found.values() == {"seen": 0.25, "step_s": 0.5}
+    assert todo[0].found.baseline == base and todo[0].found.rev == "r0"
+    other = fresh()  # the grid's overrides changed: not the recorded cell
+    other[0].overrides = {"x": 2}
+    assert reuse_recorded(other, data, root, head) == []
+    for path, text in (("params.yaml", "seed: 1\n"), ("code.py", "x = 2\n")):
+        (root / path).write_text(text)
+        head = commit(f"edit {path}")
+        assert reuse_recorded(fresh(), data, root, head) == [], path
+        _run(["git", *GIT_ID, "revert", "--no-edit", "HEAD"], root)
+        head = _run(["git", "rev-parse", "HEAD"], root, stdout_only=True).strip()
+    assert len(reuse_recorded(fresh(), data, root, head)) == 1  # reverted: the same inputs
+
+
 def test_grid_results_markdown_and_plot_rows():
     r = _results()
     a = r["cells"]["a"]["metrics"]

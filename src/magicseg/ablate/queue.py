@@ -63,6 +63,9 @@ class Experiment:
     metrics: dict[str, dict] = field(default_factory=dict)
     log: Path | None = None
     timestamp: str = ""
+    recorded: dict[str, float] | None = None
+    """Its metric values as an earlier ``metrics/ablations.json`` recorded them, where the
+    experiment itself is gone (another machine's ``refs/exps``): see :func:`reuse_recorded`."""
 
     def read_log(self) -> str | None:
         if self.log is None or not self.log.is_file():
@@ -71,6 +74,8 @@ class Experiment:
 
     def values(self) -> dict[str, float]:
         """Every metric of :data:`METRICS` it has, and ``step_s`` where it can be found."""
+        if self.recorded is not None:
+            return dict(self.recorded)
         out = {}
         for name, (path, key) in METRICS.items():
             v = dotted(self.metrics.get(path), key)
@@ -184,6 +189,51 @@ def reusable_baselines(root: Path, head: str, prefix: str = "abl-") -> list[str]
         if proc.returncode == 0:
             keep.append(base)
     return keep
+
+
+def same_inputs(root: Path, base: str, head: str) -> bool:
+    """Whether commit ``base`` has every pipeline input (:func:`pipeline_inputs`),
+    ``params.yaml`` and ``conf/`` as ``head`` has them (False where ``base`` is unknown)."""
+    if base == head:
+        return True
+    paths = [*pipeline_inputs(root), "params.yaml", "conf"]
+    proc = subprocess.run(
+        ["git", "diff", "--quiet", base, head, "--", *paths], cwd=root, capture_output=True
+    )
+    return proc.returncode == 0
+
+
+def reuse_recorded(planned: Sequence[Planned], data: dict, root: Path, head: str) -> list[Planned]:
+    """Mark done the planned items with no experiment here whose result ``data`` (an earlier
+    ``metrics/ablations.json``) records: same grid, cell, overrides and seed, run on a baseline
+    commit with the same pipeline inputs and params as ``head`` (:func:`same_inputs`). DVC
+    keeps experiments in the local ``refs/exps`` only, so a fresh clone or another machine
+    has none; without this it would run every recorded experiment again. Returns them."""
+    checked: dict[str, bool] = {}
+    reused = []
+    for p in planned:
+        if p.state != "to queue":
+            continue
+        cell = (((data.get("grids") or {}).get(p.grid) or {}).get("cells") or {}).get(p.cell)
+        if not cell or not _same(cell.get("overrides"), p.overrides):
+            continue
+        exp = (cell.get("experiments") or {}).get(str(p.seed)) or {}
+        base = exp.get("baseline")
+        if not base:
+            continue
+        if base not in checked:
+            checked[base] = same_inputs(root, base, head)
+        if not checked[base]:
+            continue
+        values = {
+            metric: float(stats["values"][str(p.seed)])
+            for metric, stats in (cell.get("metrics") or {}).items()
+            if str(p.seed) in (stats.get("values") or {})
+        }
+        p.found = Experiment(exp["name"], exp.get("rev", ""), base, "done", recorded=values)
+        p.state = "done"
+        reused.append(p)
+    return reused
 
 
 def exp_show(root: Path, revs: Sequence[str]) -> list[Experiment]:

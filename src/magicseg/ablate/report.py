@@ -76,7 +76,11 @@ def grid_results(g: Grid, planned: Sequence[Planned], previous: dict[str, float]
         runs = [p for p in mine if p.cell == cell and p.state == "done"]
         experiments, values = {}, {}
         for p in runs:
-            experiments[str(p.seed)] = {"name": p.name, "rev": p.found.rev}
+            experiments[str(p.seed)] = {
+                "name": p.name,
+                "rev": p.found.rev,
+                "baseline": p.found.baseline,
+            }
             v = p.found.values()
             if STEP not in v and p.found.rev in previous:
                 v[STEP] = previous[p.found.rev]

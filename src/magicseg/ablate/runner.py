@@ -23,6 +23,7 @@ from magicseg.ablate.queue import (
     plan,
     resolve_grids,
     reusable_baselines,
+    reuse_recorded,
     run_queue,
     stage_counts,
 )
@@ -99,6 +100,11 @@ def ablate(
     baselines = [head, *reusable_baselines(root, head)]
     exps = exp_show(root, baselines)
     match(planned, exps, head)
+    recorded = read_results(out)
+    reused = reuse_recorded(planned, recorded, root, head)
+    if reused:
+        echo(f"ablate: {len(reused)} experiment(s) not in DVC here but recorded in {out} on a "
+             "commit with the same pipeline inputs and params: reused, not run again")  # fmt: skip
     todo = [p for p in planned if p.state == "to queue"]
     counts = Counter(p.state for p in planned)
     echo(
@@ -116,7 +122,8 @@ def ablate(
             echo(f"warning: uncommitted changes to {', '.join(dirty[:5])}: commit them first")
         for p in planned:
             where = "" if p.found is None or p.found.baseline == head else p.found.baseline[:7]
-            echo(f"  {p.name:<44} {p.state}" + (f" (commit {where})" if where else ""))
+            how = "recorded, " if p.found is not None and p.found.recorded is not None else ""
+            echo(f"  {p.name:<44} {p.state}" + (f" ({how}commit {where})" if where else ""))
         for p in todo:
             echo(f"  dvc exp run --queue -n {p.name} {' '.join(p.sets())}")
         return Outcome(planned, [], [])
@@ -135,6 +142,7 @@ def ablate(
         ran, cached = stage_counts(log)
         exps = exp_show(root, baselines)
         match(planned, exps, head)
+        reuse_recorded(planned, recorded, root, head)
         echo(
             "ablate: stages run: "
             + (", ".join(f"{s} {n}" for s, n in sorted(ran.items())) or "none")
@@ -143,7 +151,7 @@ def ablate(
         )
 
     # 4. Collect and write; report what did not finish, with its log.
-    previous = previous_steps(read_results(out))
+    previous = previous_steps(recorded)
     results = {g.name: grid_results(g, planned, previous) for g in grids}
     data = write_results(results, out, table, plots)
     echo(f"ablate: wrote {out}, {table}, {plots}/")
