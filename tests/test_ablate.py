@@ -777,7 +777,7 @@ def test_refusals_before_any_work(tiny_grid, monkeypatch):
 
 @pytest.mark.slow
 def test_finished_experiments_of_an_earlier_commit_are_reused_while_the_code_is_the_same(
-    tiny_grid,
+    tiny_grid, monkeypatch
 ):
     root = tiny_grid
     if not (root / "metrics/ablations.json").exists():
@@ -786,6 +786,14 @@ def test_finished_experiments_of_an_earlier_commit_are_reused_while_the_code_is_
     _run(["git", *GIT_ID, "commit", "-qm", "ablation results"], root)
     code, out = _ablate("--grid", "tiny", "--seeds", "0,1", "--dry-run")
     assert code == 0 and "4 done" in out and "(commit " in out, out
+    # a fresh clone has no refs/exps: the results the committed ablations.json records count
+    clone = root.parent / "clone-of-the-tiny-grid"
+    shutil.rmtree(clone, ignore_errors=True)
+    _git_repo(clone, clone_of=root)
+    monkeypatch.chdir(clone)
+    code, out = _ablate("--grid", "tiny", "--seeds", "0,1,2", "--dry-run")
+    assert code == 0 and "4 done, 2 to queue" in out and "(recorded, commit " in out, out
+    monkeypatch.chdir(root)
     # a change to a file a stage depends on: the earlier experiments no longer count
     seeding = root / "src/magicseg/core/seeding.py"
     seeding.write_text(seeding.read_text() + "# an edit\n")
