@@ -181,22 +181,14 @@ def reusable_baselines(root: Path, head: str, prefix: str = "abl-") -> list[str]
             bases.add(parts[2] + parts[3])
     bases.discard(head)
     inputs = pipeline_inputs(root)
-    keep = []
-    for base in sorted(bases):
-        proc = subprocess.run(
-            ["git", "diff", "--quiet", base, head, "--", *inputs], cwd=root, capture_output=True
-        )
-        if proc.returncode == 0:
-            keep.append(base)
-    return keep
+    return [base for base in sorted(bases) if unchanged(root, base, head, inputs)]
 
 
-def same_inputs(root: Path, base: str, head: str) -> bool:
-    """Whether commit ``base`` has every pipeline input (:func:`pipeline_inputs`),
-    ``params.yaml`` and ``conf/`` as ``head`` has them (False where ``base`` is unknown)."""
+def unchanged(root: Path, base: str, head: str, paths: Sequence[str]) -> bool:
+    """Whether commit ``base`` has ``paths`` as ``head`` has them (False where ``base`` is
+    unknown)."""
     if base == head:
         return True
-    paths = [*pipeline_inputs(root), "params.yaml", "conf"]
     proc = subprocess.run(
         ["git", "diff", "--quiet", base, head, "--", *paths], cwd=root, capture_output=True
     )
@@ -206,9 +198,11 @@ def same_inputs(root: Path, base: str, head: str) -> bool:
 def reuse_recorded(planned: Sequence[Planned], data: dict, root: Path, head: str) -> list[Planned]:
     """Mark done the planned items with no experiment here whose result ``data`` (an earlier
     ``metrics/ablations.json``) records: same grid, cell, overrides and seed, run on a baseline
-    commit with the same pipeline inputs and params as ``head`` (:func:`same_inputs`). DVC
+    commit with the same pipeline inputs (:func:`pipeline_inputs`), ``params.yaml`` and
+    ``conf/`` as ``head``: the params are not in ``data`` to compare, as :func:`match` does. DVC
     keeps experiments in the local ``refs/exps`` only, so a fresh clone or another machine
     has none; without this it would run every recorded experiment again. Returns them."""
+    paths = [*pipeline_inputs(root), "params.yaml", "conf"]
     checked: dict[str, bool] = {}
     reused = []
     for p in planned:
@@ -222,7 +216,7 @@ def reuse_recorded(planned: Sequence[Planned], data: dict, root: Path, head: str
         if not base:
             continue
         if base not in checked:
-            checked[base] = same_inputs(root, base, head)
+            checked[base] = unchanged(root, base, head, paths)
         if not checked[base]:
             continue
         values = {
