@@ -160,12 +160,12 @@ def _leaf_keys(cls=Params, prefix=""):
     return out
 
 
-@pytest.mark.parametrize("name", ["paper", "masks", "sampling"])
+@pytest.mark.parametrize("name", ["paper", "masks", "sampling", "spread"])
 def test_every_override_is_a_param_and_validates(name):
     g = A.grid(name, vocabulary_size=48, trainable=40)
     keys = _leaf_keys()
     defaults = Params().model_dump(mode="json")
-    assert len(g.cells) >= 4
+    assert len(g.cells) >= 2
     for cell, overrides in g.cells.items():
         assert set(overrides) <= keys, (cell, set(overrides) - keys)
         data = json.loads(json.dumps(defaults))
@@ -222,6 +222,40 @@ def test_the_masks_grid_refuses_an_unknown_labeler_cleanly(monkeypatch):
     )
     assert all(not set(t) & set(g.refused) for t in g.effects.values())
     assert "filter_effect/oracle" in g.effects and "interaction/filter_x_difference" in g.effects
+
+
+def test_the_spread_grid_fixes_the_held_out_draw_and_the_test_set_and_has_no_effects():
+    g = A.grid("spread", 48, 40)
+    assert g.cells == {
+        "drawn": {},  # the default: both follow the seed
+        "fixed": {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0},
+    }
+    assert g.effects == {} and g.seeds == (0, 1, 2, 3, 4)
+    r = A.rereport(
+        {
+            "command": "magicseg ablate --grid spread --seeds 0,1",
+            "description": g.description,
+            "seeds": [0, 1],
+            "cells": {
+                c: {
+                    "overrides": o,
+                    "experiments": [],
+                    "metrics": A.report.cell_metrics(
+                        {"seen": {"0": 0.25, "1": 0.27 if c == "drawn" else 0.26}}
+                    ),
+                }
+                for c, o in g.cells.items()
+            },  # fmt: skip
+            "effects": {},
+        }
+    )
+    md = A.markdown({"grids": {"spread": r}})
+    tables = _tables(md)
+    assert len(tables) == 1  # the cells only
+    assert tables[0][2][:4] == ["drawn", "none (the default)", "0", "0.260 ± 0.014"]
+    assert tables[0][3][1] == "`vocabulary.holdout_seed=0 evaluate.test_seed=0`"
+    assert "No effects: this grid's answer is each cell's standard deviation." in md
+    assert "Beyond the noise" not in md and "No effects yet" not in md
 
 
 def test_sampling_values_span_5_to_all_with_at_least_four():
@@ -825,8 +859,8 @@ def test_the_real_grids_plan_on_the_miniature_project(project):
     assert code == 0, out
     # paper 8 cells, masks 6 (exact, grounded_proxy, difference x filter on/off), sampling:
     # K = 5, 25, 50, 100 below the trainable classes and all (the 252 classes of the vocabulary,
-    # which the trainer clamps): 19 cells x 3 seeds
-    assert "57 experiments (paper, masks, sampling x seeds 0,1,2)" in out
+    # which the trainer clamps), spread: drawn, fixed: 21 cells x 3 seeds
+    assert "63 experiments (paper, masks, sampling, spread x seeds 0,1,2)" in out
     assert "refused" not in out
     for line in (
         "-n abl-paper-rich-hinge-head-s0 -S seed=0 -S prompts.style=rich "
@@ -838,6 +872,8 @@ def test_the_real_grids_plan_on_the_miniature_project(project):
         "-S filter.enabled=false",
         "-n abl-sampling-k-100-s0 -S seed=0 -S train.num_sampled=100",
         "-n abl-sampling-k-all-s0 -S seed=0 -S train.num_sampled=252",
+        "-n abl-spread-drawn-s1 -S seed=1",
+        "-n abl-spread-fixed-s2 -S seed=2 -S vocabulary.holdout_seed=0 -S evaluate.test_seed=0",
     ):
         assert f"dvc exp run --queue {line}\n" in out, line
     # without --seeds each grid runs on its own: paper 5 seeds, the others 3

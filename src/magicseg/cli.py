@@ -308,7 +308,8 @@ def export(
 @user_errors
 def ablate(
     grid: Annotated[
-        str, typer.Option(help="paper, sampling, masks, or all (comma-separated: paper,masks).")
+        str,
+        typer.Option(help="paper, sampling, masks, spread, or all (comma-separated: paper,masks)."),
     ],
     seeds: Annotated[
         str | None,

@@ -50,6 +50,15 @@ def _mask_cells() -> dict[str, dict[str, Any]]:
     }
 
 
+SPREAD_CELLS: dict[str, dict[str, Any]] = {
+    "drawn": {},
+    "fixed": {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0},
+}
+"""The spread grid's cells: the default as it is (each seed draws its own held-out classes and
+test set) and the default with both fixed at seed 0's draw (the held-out words and the test
+images stay, the prompts, images, labels and training follow the seed). Seed 0 of the two is
+the same run; their spread over seeds is the noise a ``dvc metrics diff`` is read against."""
+
 GRIDS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper's interaction: prompt style x counterfactual loss, for every form of CF_FORMS.
     "paper": _paper_cells(),
@@ -57,6 +66,8 @@ GRIDS: dict[str, dict[str, dict[str, Any]]] = {
     "masks": _mask_cells(),
     # Category random sampling: filled in by grid() from the vocabulary (SAMPLING_K).
     "sampling": {},
+    # The default's spread over seeds, with the held-out classes and test set drawn or fixed.
+    "spread": SPREAD_CELLS,
 }
 """Grid name -> cell name -> params overrides (dotted keys)."""
 
@@ -64,6 +75,7 @@ DEFAULT_SEEDS: dict[str, tuple[int, ...]] = {
     "paper": (0, 1, 2, 3, 4),
     "sampling": (0, 1, 2),
     "masks": (0, 1, 2),
+    "spread": (0, 1, 2, 3, 4),
 }
 """The seeds a grid runs on when ``--seeds`` is not given (every cell on the same seeds, so
 that effects are paired); other grids: 0, 1, 2."""
@@ -80,6 +92,10 @@ DESCRIPTIONS = {
     ),
     "sampling": "category random sampling: classes scored per image (train.num_sampled)",
     "masks": "mask quality: labeler (exact masks, single-image, difference) x filter (on, off)",
+    "spread": (
+        "the default's spread over seeds, the held-out classes and the test set drawn by each "
+        "seed or fixed at seed 0's (no effects: the cells' std is the answer)"
+    ),
 }
 
 METRICS: dict[str, tuple[str, str]] = {
@@ -118,6 +134,7 @@ COLUMNS = {
         "label_miou",
         "kept_ratio",
     ),
+    "spread": ("seen", "heldout", "heldout_combination", "heldout_novel", "cf_fg"),
 }
 """Markdown and plot columns per grid (those no experiment has are left out)."""
 
@@ -223,7 +240,7 @@ def refusals(cells: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def grid(name: str, vocabulary_size: int, trainable: int) -> Grid:
-    """The grid ``name`` (``paper``, ``sampling``, ``masks``). ``vocabulary_size`` is the "all"
+    """The grid ``name`` (``paper``, ``sampling``, ``masks``, ``spread``). ``vocabulary_size`` is the "all"
     of the sampling grid; ``trainable`` the fewest trainable classes over the seeds. Cells that
     name an unknown backend (:func:`refusals`) are left out with their effects."""
     if name not in GRIDS:

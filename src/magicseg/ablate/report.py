@@ -204,7 +204,7 @@ def markdown(data: dict) -> str:
         out.append("|---|---|---|" + "---|" * len(cols))
         for cell, c in g["cells"].items():
             sets = " ".join(f"{k}={hydra_value(v)}" for k, v in c["overrides"].items())
-            row = [cell, f"`{sets}`", str(len(c["experiments"]))]
+            row = [cell, f"`{sets}`" if sets else "none (the default)", str(len(c["experiments"]))]
             for m in cols:
                 s = c["metrics"].get(m)
                 if s is None:
@@ -216,6 +216,9 @@ def markdown(data: dict) -> str:
             out.append("| " + " | ".join(row) + " |")
         for cell, why in (g.get("refused") or {}).items():
             out.append(f"| {cell} | refused: {why} | 0 |" + " – |" * len(cols))
+        if not g["effects"]:  # a grid that measures spread, not contrasts
+            out += ["", "No effects: this grid's answer is each cell's standard deviation.", ""]
+            continue
         ecols = _present(g, EFFECT_METRICS)
         out += ["", "| effect | contrast | n | " + " | ".join(LABELS[m] for m in ecols) + " |"]
         out.append("|---|---|---|" + "---|" * len(ecols))
