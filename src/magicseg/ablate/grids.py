@@ -51,13 +51,14 @@ def _mask_cells() -> dict[str, dict[str, Any]]:
 
 
 SPREAD_CELLS: dict[str, dict[str, Any]] = {
-    "drawn": {},
     "fixed": {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0},
 }
-"""The spread grid's cells: the default as it is (each seed draws its own held-out classes and
-test set) and the default with both fixed at seed 0's draw (the held-out words and the test
-images stay, the prompts, images, labels and training follow the seed). Seed 0 of the two is
-the same run; their spread over seeds is the noise a ``dvc metrics diff`` is read against."""
+"""The spread grid's cell: the default with the held-out classes and the test set fixed at seed
+0's draw (the held-out words and the test images stay; the prompts, images, labels and training
+follow the seed). Its seed 0 is the default's run. The default as it is (each seed draws its own
+held-out classes and test set) is the paper grid's ``rich/off`` cell, on the same seeds. The
+fixed cell's spread over seeds is the noise a ``dvc metrics diff`` at one seed is read against:
+both sides of such a diff score the same held-out words on the same test set."""
 
 GRIDS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper's interaction: prompt style x counterfactual loss, for every form of CF_FORMS.
@@ -66,7 +67,7 @@ GRIDS: dict[str, dict[str, dict[str, Any]]] = {
     "masks": _mask_cells(),
     # Category random sampling: filled in by grid() from the vocabulary (SAMPLING_K).
     "sampling": {},
-    # The default's spread over seeds, with the held-out classes and test set drawn or fixed.
+    # The default's spread over seeds with the held-out classes and the test set fixed.
     "spread": SPREAD_CELLS,
 }
 """Grid name -> cell name -> params overrides (dotted keys)."""
@@ -93,8 +94,9 @@ DESCRIPTIONS = {
     "sampling": "category random sampling: classes scored per image (train.num_sampled)",
     "masks": "mask quality: labeler (exact masks, single-image, difference) x filter (on, off)",
     "spread": (
-        "the default's spread over seeds, the held-out classes and the test set drawn by each "
-        "seed or fixed at seed 0's (no effects: the cells' std is the answer)"
+        "the default's spread over seeds with the held-out classes and the test set fixed at "
+        "seed 0's (the paper grid's rich/off cell draws them per seed; no effects: the std is "
+        "the answer)"
     ),
 }
 

@@ -217,7 +217,11 @@ def markdown(data: dict) -> str:
         for cell, why in (g.get("refused") or {}).items():
             out.append(f"| {cell} | refused: {why} | 0 |" + " – |" * len(cols))
         if not g["effects"]:  # a grid that measures spread, not contrasts
-            out += ["", "No effects: this grid's answer is each cell's standard deviation.", ""]
+            out += [
+                "",
+                "No effects: this grid's answer is its cells' standard deviation over the seeds.",
+                "",
+            ]
             continue
         ecols = _present(g, EFFECT_METRICS)
         out += ["", "| effect | contrast | n | " + " | ".join(LABELS[m] for m in ecols) + " |"]
