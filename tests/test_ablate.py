@@ -363,6 +363,13 @@ def test_match_reuses_by_name_and_params_and_refuses_a_stale_name():
     other = A.Experiment("abl-g-a-s0", "r1", old, "done", {"seed": 0, "x": 5})  # older commit
     A.match(todo[:1], [other], head)
     assert todo[0].state == "to queue"
+    # queued on an earlier commit (a commit made beside a running queue): pending, not to queue
+    # again, where its params are the grid's
+    queued = A.Experiment("abl-g-b-s0", "r4", old, "queued", {"seed": 0, "x": 2})
+    A.match(todo[2:], [queued], head)
+    assert (todo[2].state, todo[2].found.rev) == ("queued", "r4")
+    A.match(todo[2:], [A.Experiment("abl-g-b-s0", "r4", old, "queued", {"seed": 0, "x": 3})], head)
+    assert todo[2].state == "to queue"
     stale = A.Experiment("abl-g-a-s0", "r3", head, "done", {"seed": 0, "x": 5})
     with pytest.raises(ConfigError, match=r"abl-g-a-s0: .*other params \(x: 5, the grid says 1\)"):
         A.match(todo[:1], [stale], head)

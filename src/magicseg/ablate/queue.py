@@ -348,7 +348,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def match(planned: Sequence[Planned], exps: Sequence[Experiment], head: str) -> None:
     """Fill each planned item's ``found`` and ``state`` from the experiments: a finished one of
-    the same name and params (this commit's first), else one queued or running here. A
+    the same name and params (this commit's first), else one queued or running (here, or on an
+    earlier commit of ``exps`` with the same params: a commit made beside a running queue). A
     finished one of this commit with the name but other params is an error (its name is
     taken)."""
     by_name: dict[str, list[Experiment]] = {}
@@ -368,7 +369,14 @@ def match(planned: Sequence[Planned], exps: Sequence[Experiment], head: str) -> 
                 f"{p.name}: a finished experiment of this name ran with other params ({diff}): "
                 f"remove it (dvc exp remove {p.name}) and run again"
             )
-        active = [e for e in candidates if e.baseline == head and e.state in ("queued", "running")]
+        # queued or running: here, or on an earlier commit of ``exps`` (one whose pipeline inputs
+        # are this one's: committing beside a running queue) with the grid's params
+        active = [
+            e
+            for e in candidates
+            if e.state in ("queued", "running")
+            and (e.baseline == head or _same(e.params, p.params))
+        ]
         if active:
             p.found, p.state = active[0], active[0].state
         else:
