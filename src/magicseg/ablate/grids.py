@@ -242,9 +242,10 @@ def refusals(cells: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def grid(name: str, vocabulary_size: int, trainable: int) -> Grid:
-    """The grid ``name`` (``paper``, ``sampling``, ``masks``, ``spread``). ``vocabulary_size`` is the "all"
-    of the sampling grid; ``trainable`` the fewest trainable classes over the seeds. Cells that
-    name an unknown backend (:func:`refusals`) are left out with their effects."""
+    """The grid ``name`` (``paper``, ``sampling``, ``masks``, ``spread``). ``vocabulary_size``
+    is the "all" of the sampling grid; ``trainable`` the fewest trainable classes over the
+    seeds. Cells that name an unknown backend (:func:`refusals`) are left out with their
+    effects."""
     if name not in GRIDS:
         raise ConfigError(f"--grid: unknown grid {name!r} (available: {', '.join(GRIDS)}, all)")
     seeds = DEFAULT_SEEDS.get(name, (0, 1, 2))
