@@ -224,14 +224,20 @@ def test_the_masks_grid_refuses_an_unknown_labeler_cleanly(monkeypatch):
     assert "filter_effect/oracle" in g.effects and "interaction/filter_x_difference" in g.effects
 
 
-def test_the_spread_grid_fixes_the_held_out_draw_and_the_test_set_and_has_no_effects():
+def test_the_spread_grid_fixes_the_held_out_draw_and_the_test_set_and_varies_the_threads():
     g = A.grid("spread", 48, 40)
-    assert g.cells == {"fixed": {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0}}
-    assert g.effects == {} and g.seeds == (0, 1, 2, 3, 4)
+    fixed = {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0}
+    assert g.cells == {"fixed": fixed, "fixed/threads=2": {**fixed, "train.num_threads": 2}}
+    assert g.effects == {"threads_2_vs_1": {"fixed/threads=2": 1, "fixed": -1}}
+    assert g.seeds == (0, 1, 2, 3, 4)
+
+
+def test_a_grid_without_effects_reports_its_cells_only():
+    cells = {"fixed": {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0}}
     r = A.rereport(
         {
             "command": "magicseg ablate --grid spread --seeds 0,1",
-            "description": g.description,
+            "description": "d",
             "seeds": [0, 1],
             "cells": {
                 c: {
@@ -241,7 +247,7 @@ def test_the_spread_grid_fixes_the_held_out_draw_and_the_test_set_and_has_no_eff
                         {"seen": {"0": 0.25, "1": 0.27 if c == "drawn" else 0.26}}
                     ),
                 }
-                for c, o in {"drawn": {}, **g.cells}.items()  # an override-free cell too
+                for c, o in {"drawn": {}, **cells}.items()  # an override-free cell too
             },  # fmt: skip
             "effects": {},
         }
@@ -863,8 +869,9 @@ def test_the_real_grids_plan_on_the_miniature_project(project):
     assert code == 0, out
     # paper 8 cells, masks 6 (exact, grounded_proxy, difference x filter on/off), sampling:
     # K = 5, 25, 50, 100 below the trainable classes and all (the 252 classes of the vocabulary,
-    # which the trainer clamps), spread: the held-out draw fixed: 20 cells x 3 seeds
-    assert "60 experiments (paper, masks, sampling, spread x seeds 0,1,2)" in out
+    # which the trainer clamps), spread: the held-out draw fixed, at 1 and 2 threads: 21 cells x
+    # 3 seeds
+    assert "63 experiments (paper, masks, sampling, spread x seeds 0,1,2)" in out
     assert "refused" not in out
     for line in (
         "-n abl-paper-rich-hinge-head-s0 -S seed=0 -S prompts.style=rich "
@@ -877,6 +884,8 @@ def test_the_real_grids_plan_on_the_miniature_project(project):
         "-n abl-sampling-k-100-s0 -S seed=0 -S train.num_sampled=100",
         "-n abl-sampling-k-all-s0 -S seed=0 -S train.num_sampled=252",
         "-n abl-spread-fixed-s2 -S seed=2 -S vocabulary.holdout_seed=0 -S evaluate.test_seed=0",
+        "-n abl-spread-fixed-threads-2-s1 -S seed=1 -S vocabulary.holdout_seed=0 "
+        "-S evaluate.test_seed=0 -S train.num_threads=2",
     ):
         assert f"dvc exp run --queue {line}\n" in out, line
     # without --seeds each grid runs on its own: paper 5 seeds, the others 3

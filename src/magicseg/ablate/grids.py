@@ -50,15 +50,25 @@ def _mask_cells() -> dict[str, dict[str, Any]]:
     }
 
 
+SPREAD_FIXED = {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0}
+"""The spread grid's held-out draw and test set: seed 0's, for every seed."""
+
 SPREAD_CELLS: dict[str, dict[str, Any]] = {
-    "fixed": {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0},
+    "fixed": dict(SPREAD_FIXED),
+    "fixed/threads=2": {**SPREAD_FIXED, "train.num_threads": 2},
 }
-"""The spread grid's cell: the default with the held-out classes and the test set fixed at seed
-0's draw (the held-out words and the test images stay; the prompts, images, labels and training
-follow the seed). Its seed 0 is the default's run. The default as it is (each seed draws its own
-held-out classes and test set) is the paper grid's ``rich/off`` cell, on the same seeds. The
-fixed cell's spread over seeds is the noise a ``dvc metrics diff`` at one seed is read against:
-both sides of such a diff score the same held-out words on the same test set."""
+"""The spread grid's cells: ``fixed``, the default with the held-out classes and the test set
+fixed at seed 0's draw (the held-out words and the test images stay; the prompts, images,
+labels and training follow the seed), and the same trained at two threads instead of one
+(``ablate`` runs each job at ``OMP_NUM_THREADS`` = cores / jobs; ``train.num_threads`` sets
+the trainer's). ``fixed``'s seed 0 is the default's run. The default as it is (each seed draws
+its own held-out classes and test set) is the paper grid's ``rich/off`` cell, on the same seeds.
+``fixed``'s spread over seeds is the noise a ``dvc metrics diff`` at one seed is read against:
+both sides of such a diff score the same held-out words on the same test set; the thread
+count's paired effect is how far another thread count moves the same run."""
+
+SPREAD_EFFECTS: dict[str, dict[str, int]] = {"threads_2_vs_1": {"fixed/threads=2": 1, "fixed": -1}}
+"""The thread count's effect on the same seed (the trainer's reductions run in another order)."""
 
 GRIDS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper's interaction: prompt style x counterfactual loss, for every form of CF_FORMS.
@@ -95,8 +105,8 @@ DESCRIPTIONS = {
     "masks": "mask quality: labeler (exact masks, single-image, difference) x filter (on, off)",
     "spread": (
         "the default's spread over seeds with the held-out classes and the test set fixed at "
-        "seed 0's (the paper grid's rich/off cell draws them per seed; no effects: the std is "
-        "the answer)"
+        "seed 0's (the paper grid's rich/off cell draws them per seed; fixed's std is the "
+        "answer), and the same trained at two threads instead of one"
     ),
 }
 
@@ -191,6 +201,7 @@ def mask_effects(labelers: Sequence[str] = LABELERS) -> dict[str, dict[str, int]
 EFFECTS: dict[str, dict[str, dict[str, int]]] = {
     "paper": paper_effects(list(GRIDS["paper"])),
     "masks": mask_effects(),
+    "spread": SPREAD_EFFECTS,
 }
 """Grid name -> effect name -> {cell: coefficient} (the sampling grid's: from :func:`grid`)."""
 
