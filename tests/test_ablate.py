@@ -224,11 +224,18 @@ def test_the_masks_grid_refuses_an_unknown_labeler_cleanly(monkeypatch):
     assert "filter_effect/oracle" in g.effects and "interaction/filter_x_difference" in g.effects
 
 
-def test_the_spread_grid_fixes_the_held_out_draw_and_the_test_set_and_varies_the_threads():
+def test_the_spread_grid_fixes_the_held_out_draw_and_the_test_set_and_varies_threads_and_precision():
     g = A.grid("spread", 48, 40)
     fixed = {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0}
-    assert g.cells == {"fixed": fixed, "fixed/threads=2": {**fixed, "train.num_threads": 2}}
-    assert g.effects == {"threads_2_vs_1": {"fixed/threads=2": 1, "fixed": -1}}
+    assert g.cells == {
+        "fixed": fixed,
+        "fixed/threads=2": {**fixed, "train.num_threads": 2},
+        "fixed/bf16": {**fixed, "train.precision": "bf16"},
+    }
+    assert g.effects == {
+        "threads_2_vs_1": {"fixed/threads=2": 1, "fixed": -1},
+        "bf16_vs_fp32": {"fixed/bf16": 1, "fixed": -1},
+    }
     assert g.seeds == (0, 1, 2, 3, 4)
 
 
@@ -869,9 +876,9 @@ def test_the_real_grids_plan_on_the_miniature_project(project):
     assert code == 0, out
     # paper 8 cells, masks 6 (exact, grounded_proxy, difference x filter on/off), sampling:
     # K = 5, 25, 50, 100 below the trainable classes and all (the 252 classes of the vocabulary,
-    # which the trainer clamps), spread: the held-out draw fixed, at 1 and 2 threads: 21 cells x
-    # 3 seeds
-    assert "63 experiments (paper, masks, sampling, spread x seeds 0,1,2)" in out
+    # which the trainer clamps), spread: the held-out draw fixed, at 1 and 2 threads and in bf16:
+    # 22 cells x 3 seeds
+    assert "66 experiments (paper, masks, sampling, spread x seeds 0,1,2)" in out
     assert "refused" not in out
     for line in (
         "-n abl-paper-rich-hinge-head-s0 -S seed=0 -S prompts.style=rich "
@@ -886,6 +893,8 @@ def test_the_real_grids_plan_on_the_miniature_project(project):
         "-n abl-spread-fixed-s2 -S seed=2 -S vocabulary.holdout_seed=0 -S evaluate.test_seed=0",
         "-n abl-spread-fixed-threads-2-s1 -S seed=1 -S vocabulary.holdout_seed=0 "
         "-S evaluate.test_seed=0 -S train.num_threads=2",
+        "-n abl-spread-fixed-bf16-s0 -S seed=0 -S vocabulary.holdout_seed=0 "
+        "-S evaluate.test_seed=0 -S train.precision=bf16",
     ):
         assert f"dvc exp run --queue {line}\n" in out, line
     # without --seeds each grid runs on its own: paper 5 seeds, the others 3

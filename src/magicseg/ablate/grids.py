@@ -56,19 +56,26 @@ SPREAD_FIXED = {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0}
 SPREAD_CELLS: dict[str, dict[str, Any]] = {
     "fixed": dict(SPREAD_FIXED),
     "fixed/threads=2": {**SPREAD_FIXED, "train.num_threads": 2},
+    "fixed/bf16": {**SPREAD_FIXED, "train.precision": "bf16"},
 }
 """The spread grid's cells: ``fixed``, the default with the held-out classes and the test set
 fixed at seed 0's draw (the held-out words and the test images stay; the prompts, images,
-labels and training follow the seed), and the same trained at two threads instead of one
+labels and training follow the seed); the same trained at two threads instead of one
 (``ablate`` runs each job at ``OMP_NUM_THREADS`` = cores / jobs; ``train.num_threads`` sets
-the trainer's). ``fixed``'s seed 0 is the default's run. The default as it is (each seed draws
-its own held-out classes and test set) is the paper grid's ``rich/off`` cell, on the same seeds.
-``fixed``'s spread over seeds is the noise a ``dvc metrics diff`` at one seed is read against:
-both sides of such a diff score the same held-out words on the same test set; the thread
-count's paired effect is how far another thread count moves the same run."""
+the trainer's); and the same in bf16 autocast instead of fp32 (``train.precision: auto`` is
+fp32 on a CPU; bf16's kernels differ between CPUs). ``fixed``'s seed 0 is the default's run.
+The default as it is (each seed draws its own held-out classes and test set) is the paper
+grid's ``rich/off`` cell, on the same seeds. ``fixed``'s spread over seeds is the noise a
+``dvc metrics diff`` at one seed is read against: both sides of such a diff score the same
+held-out words on the same test set. The thread count's and the precision's paired effects
+are how far each moves the same run."""
 
-SPREAD_EFFECTS: dict[str, dict[str, int]] = {"threads_2_vs_1": {"fixed/threads=2": 1, "fixed": -1}}
-"""The thread count's effect on the same seed (the trainer's reductions run in another order)."""
+SPREAD_EFFECTS: dict[str, dict[str, int]] = {
+    "threads_2_vs_1": {"fixed/threads=2": 1, "fixed": -1},
+    "bf16_vs_fp32": {"fixed/bf16": 1, "fixed": -1},
+}
+"""The thread count's effect on the same seed (the trainer's reductions run in another order)
+and bf16 autocast's."""
 
 GRIDS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper's interaction: prompt style x counterfactual loss, for every form of CF_FORMS.
@@ -106,7 +113,7 @@ DESCRIPTIONS = {
     "spread": (
         "the default's spread over seeds with the held-out classes and the test set fixed at "
         "seed 0's (the paper grid's rich/off cell draws them per seed; fixed's std is the "
-        "answer), and the same trained at two threads instead of one"
+        "answer), and the same trained at two threads instead of one and in bf16 instead of fp32"
     ),
 }
 
