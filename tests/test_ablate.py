@@ -519,13 +519,33 @@ def test_markdown_tables_are_well_formed_and_say_when_nothing_is_an_effect():
     assert tables[0][2][tables[0][0].index("s/step")] == "0.200"  # n = 1: no ± std
     assert tables[1][2][:3] == ["b_vs_a", "b − a", "2"]
     # per seed +0.20 and -0.12: mean 0.04, se 0.16, t(1) -> [-1.993, +2.073]; not bold
-    assert tables[1][2][3:] == ["+0.040 [-1.993, +2.073]", "–"]  # no step time in b
+    # no step time in b, so no effect has one: no s/step column
+    assert tables[1][0][3:] == ["seen mIoU"] and tables[1][2][3:] == ["+0.040 [-1.993, +2.073]"]
     assert "No effect's 95% interval excludes 0: every difference here is within the noise." in md
     r["cells"]["b"]["metrics"]["step_s"] = A.summarize([0.3]) | {"values": {"0": 0.3}}
     r = A.rereport(r)
     md = A.markdown({"grids": {"tiny": r}})
     assert "| b_vs_a | b − a | 1/2 | +0.040 [-1.993, +2.073] | +0.100 |" in md
     assert "1 difference(s) without an interval (fewer than 2 seeds)" in md
+
+
+def test_an_effect_column_no_effect_has_a_value_of_is_left_out():
+    """A metric only one cell has (a new metric the cells recorded earlier lack) gives no
+    effect a value: its column would be all dashes."""
+    r = _results()
+    r["cells"]["b"]["metrics"]["cf_fg"] = A.report.cell_metrics({"cf_fg": {"0": 0.3, "1": 0.2}})[
+        "cf_fg"
+    ]
+    md = A.markdown({"grids": {"tiny": A.rereport(r)}})
+    effects = _tables(md)[1]
+    # and s/step: only a has a step time
+    assert effects[0][3:] == ["seen mIoU"]
+    r["cells"]["a"]["metrics"]["cf_fg"] = A.report.cell_metrics({"cf_fg": {"0": 0.4, "1": 0.4}})[
+        "cf_fg"
+    ]
+    effects = _tables(A.markdown({"grids": {"tiny": A.rereport(r)}}))[1]
+    assert effects[0][3:] == ["seen mIoU", "cf pixels called a class"]
+    assert effects[2][-1] == "-0.150 [-0.785, +0.485]"
 
 
 def test_readme_ablation_tables_are_the_committed_ones():

@@ -144,6 +144,18 @@ def _present(g: dict, metrics: Sequence[str]) -> list[str]:
     return [m for m in metrics if any(m in c["metrics"] for c in g["cells"].values())]
 
 
+def _effect_columns(g: dict) -> list[str]:
+    """The effect metrics some effect has a value of (a metric only one cell has, a new one
+    the older cells lack, gives none); all the cells' ones where no effect has any yet."""
+    present = _present(g, EFFECT_METRICS)
+    valued = [
+        m
+        for m in present
+        if any((e["metrics"].get(m) or {}).get("diff") is not None for e in g["effects"].values())
+    ]
+    return valued or present
+
+
 def bound(x: float) -> str:
     """An interval end to 3 decimals, or to 4 where 3 would print a signed zero (an interval
     that just excludes 0 must not read as reaching it)."""
@@ -223,7 +235,7 @@ def markdown(data: dict) -> str:
                 "",
             ]
             continue
-        ecols = _present(g, EFFECT_METRICS)
+        ecols = _effect_columns(g)
         out += ["", "| effect | contrast | n | " + " | ".join(LABELS[m] for m in ecols) + " |"]
         out.append("|---|---|---|" + "---|" * len(ecols))
         for ename, e in g["effects"].items():
