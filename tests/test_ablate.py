@@ -65,6 +65,7 @@ def test_t_quantiles_are_the_tables(df, t):
 def test_interval_ends_never_print_as_a_signed_zero():
     assert A.report.bound(-0.00049) == "-0.0005" and A.report.bound(0.0312) == "+0.031"
     assert A.report.bound(0.0) == "+0.000"
+    assert A.report.bound(-0.000036) == "-0.00004" and A.report.bound(1e-9) == "+0.000000"
     r = {"diff": -0.141, "ci95": [-0.282, -0.0004], "paired": True, "exceeds_noise": True}
     assert A.report.effect_text(r) == "**-0.141 [-0.282, -0.0004]**"
 

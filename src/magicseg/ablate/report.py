@@ -157,10 +157,14 @@ def _effect_columns(g: dict) -> list[str]:
 
 
 def bound(x: float) -> str:
-    """An interval end to 3 decimals, or to 4 where 3 would print a signed zero (an interval
-    that just excludes 0 must not read as reaching it)."""
+    """An interval end to 3 decimals, or to more (up to 6) where 3 would print a signed zero
+    (an interval that just excludes 0 must not read as reaching it)."""
     text = f"{x:+.3f}"
-    return f"{x:+.4f}" if x != 0 and float(text) == 0 else text
+    for digits in (4, 5, 6):
+        if x == 0 or float(text) != 0:
+            break
+        text = f"{x:+.{digits}f}"
+    return text
 
 
 def effect_text(r: dict) -> str:
