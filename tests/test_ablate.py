@@ -244,7 +244,7 @@ def test_a_grid_without_effects_reports_its_cells_only():
     cells = {"fixed": {"vocabulary.holdout_seed": 0, "evaluate.test_seed": 0}}
     r = A.rereport(
         {
-            "command": "magicseg ablate --grid spread --seeds 0,1",
+            "command": "magicseg ablate --grid still --seeds 0,1",
             "description": "d",
             "seeds": [0, 1],
             "cells": {
@@ -260,7 +260,7 @@ def test_a_grid_without_effects_reports_its_cells_only():
             "effects": {},
         }
     )
-    md = A.markdown({"grids": {"spread": r}})
+    md = A.markdown({"grids": {"still": r}})
     tables = _tables(md)
     assert len(tables) == 1  # the cells only
     assert tables[0][2][:4] == ["drawn", "none (the default)", "0", "0.260 ± 0.014"]

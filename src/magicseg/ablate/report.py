@@ -159,11 +159,10 @@ def _effect_columns(g: dict) -> list[str]:
 def bound(x: float) -> str:
     """An interval end to 3 decimals, or to more (up to 6) where 3 would print a signed zero
     (an interval that just excludes 0 must not read as reaching it)."""
-    text = f"{x:+.3f}"
-    for digits in (4, 5, 6):
+    for digits in (3, 4, 5, 6):
+        text = f"{x:+.{digits}f}"
         if x == 0 or float(text) != 0:
             break
-        text = f"{x:+.{digits}f}"
     return text
 
 
